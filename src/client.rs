@@ -1,0 +1,155 @@
+//! The client registry: which OAuth client a request speaks for, whether it may use its
+//! grant, and how that client authenticates upstream (contract §3).
+
+use std::collections::{BTreeSet, HashMap};
+
+use secrecy::SecretString;
+
+use crate::config::{AuthMethod, ClientsConfig};
+use crate::grant::{CLIENT_ASSERTION_TYPE, FormField, GrantKind};
+
+/// The registered clients, indexed once at start.
+#[derive(Debug)]
+pub struct Clients {
+    allow_public: bool,
+    by_id: HashMap<String, Registered>,
+    default: Option<String>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    method: Method,
+    allowed_grants: Option<BTreeSet<GrantKind>>,
+}
+
+/// A registered client's method with exactly the credential it needs.
+#[derive(Debug)]
+enum Method {
+    Basic(SecretString),
+    Post(SecretString),
+    None,
+}
+
+/// How one request authenticates its client upstream.
+#[derive(Debug)]
+pub enum ClientAuth<'a> {
+    /// `Authorization: Basic`, and `client_id` in the body.
+    Basic { client_id: &'a str, secret: &'a SecretString },
+    /// `client_id` and `client_secret` in the body.
+    Post { client_id: &'a str, secret: &'a SecretString },
+    /// The caller's own RFC 7523 assertion, plus `client_id` when known.
+    Assertion { client_id: Option<&'a str>, assertion: &'a SecretString },
+    /// A public client: `client_id` in the body only.
+    Public { client_id: &'a str },
+}
+
+impl<'a> ClientAuth<'a> {
+    /// The client id the request speaks for, if any.
+    pub fn client_id(&self) -> Option<&'a str> {
+        match *self {
+            Self::Basic { client_id, .. }
+            | Self::Post { client_id, .. }
+            | Self::Public { client_id } => Some(client_id),
+            Self::Assertion { client_id, .. } => client_id,
+        }
+    }
+
+    /// Whether the credentials came from the caller rather than from our config.
+    pub fn from_caller(&self) -> bool {
+        matches!(self, Self::Assertion { .. })
+    }
+
+    /// The Basic credentials, when this method uses the Authorization header.
+    pub fn basic(&self) -> Option<(&'a str, &'a SecretString)> {
+        match *self {
+            Self::Basic { client_id, secret } => Some((client_id, secret)),
+            _ => None,
+        }
+    }
+
+    /// Appends the body fields of this authentication method.
+    pub fn push_fields(&self, out: &mut Vec<FormField<'a>>) {
+        match *self {
+            Self::Basic { client_id, .. } | Self::Public { client_id } => {
+                out.push(FormField::plain("client_id", client_id));
+            }
+            Self::Post { client_id, secret } => {
+                out.push(FormField::plain("client_id", client_id));
+                out.push(FormField::secret("client_secret", secret));
+            }
+            Self::Assertion { client_id, assertion } => {
+                if let Some(client_id) = client_id {
+                    out.push(FormField::plain("client_id", client_id));
+                }
+                out.push(FormField::plain("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                out.push(FormField::secret("client_assertion", assertion));
+            }
+        }
+    }
+}
+
+/// Why a request's client cannot be used. Decided before anything goes upstream.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("client_id {0:?} is not registered and public clients are not allowed")]
+    Unknown(String),
+    #[error("no client_id was given, no client_assertion was given and no default client is registered")]
+    Missing,
+    #[error("client {client_id:?} may not use the {grant} grant")]
+    GrantNotAllowed { client_id: String, grant: GrantKind },
+}
+
+impl Clients {
+    /// Indexes the validated config. Fails only for a secret method without a secret,
+    /// which config validation already refuses.
+    pub fn new(config: &ClientsConfig) -> Result<Self, String> {
+        let mut by_id = HashMap::with_capacity(config.registered.len());
+        for c in &config.registered {
+            let method = match (c.auth_method, &c.secret) {
+                (AuthMethod::ClientSecretBasic, Some(secret)) => Method::Basic(secret.clone()),
+                (AuthMethod::ClientSecretPost, Some(secret)) => Method::Post(secret.clone()),
+                (AuthMethod::None, None) => Method::None,
+                (method, _) => {
+                    return Err(format!("client {:?}: auth_method {method:?} does not match its secret", c.client_id));
+                }
+            };
+            by_id.insert(c.client_id.clone(), Registered { method, allowed_grants: c.allowed_grants.clone() });
+        }
+        let default = config.registered.iter().find(|c| c.default).map(|c| c.client_id.clone());
+        Ok(Self { allow_public: config.allow_public, by_id, default })
+    }
+
+    /// Decides how a request authenticates. `grant` is `None` for revocation, which any
+    /// client may ask for.
+    pub fn resolve<'a>(
+        &'a self,
+        client_id: Option<&'a str>,
+        assertion: Option<&'a SecretString>,
+        grant: Option<GrantKind>,
+    ) -> Result<ClientAuth<'a>, ClientError> {
+        let client_id = client_id.or(self.default.as_deref());
+        let registered = client_id.and_then(|id| Some((id, self.by_id.get(id)?)));
+        if let (Some((id, client)), Some(grant)) = (registered, grant) {
+            if client.allowed_grants.as_ref().is_some_and(|allowed| !allowed.contains(&grant)) {
+                return Err(ClientError::GrantNotAllowed { client_id: id.to_owned(), grant });
+            }
+        }
+        if registered.is_none() && !self.allow_public {
+            return Err(match client_id {
+                Some(id) => ClientError::Unknown(id.to_owned()),
+                None => ClientError::Missing,
+            });
+        }
+        if let Some(assertion) = assertion {
+            return Ok(ClientAuth::Assertion { client_id, assertion });
+        }
+        match registered {
+            Some((client_id, client)) => Ok(match &client.method {
+                Method::Basic(secret) => ClientAuth::Basic { client_id, secret },
+                Method::Post(secret) => ClientAuth::Post { client_id, secret },
+                Method::None => ClientAuth::Public { client_id },
+            }),
+            None => client_id.map(|client_id| ClientAuth::Public { client_id }).ok_or(ClientError::Missing),
+        }
+    }
+}

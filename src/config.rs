@@ -1,0 +1,402 @@
+//! Typed configuration: a TOML file plus `TOKENGATE_<SECTION>__<KEY>` overrides, loaded and
+//! validated once at start. Unknown keys are errors; secrets are read here and stay wrapped.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::grant::GrantKind;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "TOKENGATE_";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub clients: ClientsConfig,
+}
+
+/// `[server]`: the gRPC listener and its shutdown.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address for TokenService, health and reflection.
+    pub listen: SocketAddr,
+    /// How long in-flight calls may run after SIGTERM/SIGINT before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            shutdown_grace_period: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `[upstream]`: where token requests go and how long they may take.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Server root (scheme, host, optional port), no path.
+    pub base_url: String,
+    pub token_path: String,
+    pub revoke_path: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Upper bound on one upstream call; the caller's deadline can only shorten it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://platform.ringcentral.com".to_owned(),
+            token_path: "/restapi/oauth/token".to_owned(),
+            revoke_path: "/restapi/oauth/revoke".to_owned(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[clients]`: the registered OAuth clients and what to do with unknown ones.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsConfig {
+    /// Forward requests for unregistered client ids as public clients (`client_id` only).
+    pub allow_public: bool,
+    pub registered: Vec<RegisteredClient>,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self { allow_public: true, registered: Vec::new() }
+    }
+}
+
+/// How tokengate authenticates a registered client upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `Authorization: Basic`, plus `client_id` in the body as RingCentral's SDKs send it.
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the body.
+    ClientSecretPost,
+    /// A public client: `client_id` in the body, no secret.
+    None,
+}
+
+/// One `[[clients.registered]]` entry.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisteredClient {
+    pub client_id: String,
+    /// Inline secret, for development; prefer `client_secret_file`.
+    #[serde(default, serialize_with = "redacted", skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth_method: AuthMethod,
+    /// Grant arms this client may use; absent allows all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_grants: Option<BTreeSet<GrantKind>>,
+    /// Used when a request names no `client_id`.
+    #[serde(default)]
+    pub default: bool,
+    /// The secret actually used: inline or read from the file at load time.
+    #[serde(skip)]
+    pub secret: Option<SecretString>,
+}
+
+fn redacted<S: Serializer>(secret: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_str("[REDACTED]"),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// Why the configuration cannot be used. Each message is one line and never holds a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the file (if any) and the `TOKENGATE_<SECTION>__<KEY>` environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist or is not a file",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only SECTION__KEY names are config keys; TOKENGATE_CONFIG and TOKENGATE_LOG_FORMAT
+        // belong to the command line.
+        let env = Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__");
+        Self::extract(figment.merge(env))
+    }
+
+    /// Parses and validates TOML text alone (no environment); used by tests.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::extract(Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigError> {
+        let mut config: Config = figment.extract().map_err(|error| {
+            // figment can report several errors; the first is the one to fix first.
+            let first = error.into_iter().next().map(|e| e.to_string()).unwrap_or_default();
+            ConfigError::Load(first.replace('\n', " "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.server.shutdown_grace_period.is_zero() {
+            return invalid("server.shutdown_grace_period must be greater than zero".into());
+        }
+        let upstream = &self.upstream;
+        let url = match reqwest::Url::parse(&upstream.base_url) {
+            Ok(url) => url,
+            Err(e) => return invalid(format!("upstream.base_url is not a URL: {e}")),
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return invalid("upstream.base_url must be an http:// or https:// URL with a host".into());
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return invalid(format!(
+                "upstream.base_url must be the server root with no path (got path {:?}); \
+                 set token_path and revoke_path instead",
+                url.path()
+            ));
+        }
+        for (key, path) in [("token_path", &upstream.token_path), ("revoke_path", &upstream.revoke_path)] {
+            if !path.starts_with('/') {
+                return invalid(format!("upstream.{key} must start with '/'"));
+            }
+        }
+        for (key, value) in [
+            ("connect_timeout", upstream.connect_timeout),
+            ("request_timeout", upstream.request_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(format!("upstream.{key} must be greater than zero"));
+            }
+        }
+
+        let mut seen = HashSet::new();
+        let mut defaults = Vec::new();
+        for client in &mut self.clients.registered {
+            let id = client.client_id.clone();
+            if id.trim().is_empty() {
+                return invalid("clients.registered: client_id must not be empty".into());
+            }
+            if !seen.insert(id.clone()) {
+                return invalid(format!("clients.registered: client_id {id:?} is registered twice"));
+            }
+            if client.default {
+                defaults.push(id.clone());
+            }
+            if client.allowed_grants.as_ref().is_some_and(BTreeSet::is_empty) {
+                return invalid(format!(
+                    "client {id:?}: allowed_grants is empty, so the client could never be used; \
+                     remove the key to allow every grant"
+                ));
+            }
+            client.secret = match (&client.client_secret, &client.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return invalid(format!(
+                        "client {id:?}: set client_secret or client_secret_file, not both"
+                    ));
+                }
+                (Some(secret), None) => Some(secret.clone()),
+                (None, Some(path)) => Some(read_secret_file(&id, path)?),
+                (None, None) => None,
+            };
+            match (client.auth_method, &client.secret) {
+                (AuthMethod::None, Some(_)) => {
+                    return invalid(format!(
+                        "client {id:?}: auth_method \"none\" sends no secret, so remove client_secret"
+                    ));
+                }
+                (AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost, None) => {
+                    return invalid(format!(
+                        "client {id:?}: auth_method {:?} needs client_secret_file or client_secret",
+                        client.auth_method
+                    ));
+                }
+                (_, Some(secret)) if secret.expose_secret().is_empty() => {
+                    return invalid(format!("client {id:?}: the client secret is empty"));
+                }
+                _ => {}
+            }
+        }
+        if defaults.len() > 1 {
+            return invalid(format!("clients.registered: more than one default client: {defaults:?}"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with every secret replaced by `[REDACTED]`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Reads a secret file, dropping one trailing newline (editors and `echo` add one).
+fn read_secret_file(client_id: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "client {client_id:?}: cannot read client_secret_file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let secret = text.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&text);
+    Ok(SecretString::from(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_documented_defaults() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.server.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(config.server.shutdown_grace_period, Duration::from_secs(20));
+        assert_eq!(config.upstream.base_url, "https://platform.ringcentral.com");
+        assert_eq!(config.upstream.token_path, "/restapi/oauth/token");
+        assert_eq!(config.upstream.revoke_path, "/restapi/oauth/revoke");
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.upstream.request_timeout, Duration::from_secs(10));
+        assert!(config.clients.allow_public);
+        assert!(config.clients.registered.is_empty());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let dir = std::env::temp_dir().join(format!("tokengate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file-secret\n").unwrap();
+        let config = Config::from_toml(&format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            shutdown_grace_period = "1m 5s"
+            [upstream]
+            base_url = "http://127.0.0.1:8080"
+            request_timeout = "500ms"
+            [clients]
+            allow_public = false
+            [[clients.registered]]
+            client_id = "a"
+            client_secret_file = "{}"
+            allowed_grants = ["jwt_bearer", "refresh_token"]
+            default = true
+            [[clients.registered]]
+            client_id = "b"
+            client_secret = "inline"
+            auth_method = "client_secret_post"
+            [[clients.registered]]
+            client_id = "c"
+            auth_method = "none"
+            "#,
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(config.server.shutdown_grace_period, Duration::from_secs(65));
+        assert_eq!(config.upstream.request_timeout, Duration::from_millis(500));
+        let [a, b, c] = &config.clients.registered[..] else { panic!("three clients") };
+        assert_eq!(a.secret.as_ref().unwrap().expose_secret(), "from-file-secret");
+        assert_eq!(
+            a.allowed_grants.as_ref().unwrap().iter().copied().collect::<Vec<_>>(),
+            [GrantKind::JwtBearer, GrantKind::RefreshToken]
+        );
+        assert_eq!(b.auth_method, AuthMethod::ClientSecretPost);
+        assert_eq!(b.secret.as_ref().unwrap().expose_secret(), "inline");
+        assert!(c.secret.is_none());
+
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("inline"), "{shown}");
+        assert!(!shown.contains("from-file-secret"), "{shown}");
+        assert!(shown.contains("[REDACTED]"), "{shown}");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("inline") && !debug.contains("from-file-secret"), "{debug}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn rejects(toml: &str, expected: &str) {
+        let error = Config::from_toml(toml).expect_err(toml).to_string();
+        assert!(error.contains(expected), "{error:?} should mention {expected:?}");
+        assert!(!error.contains('\n'), "one line: {error:?}");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        rejects("[server]\nlisten = \"nope\"", "listen");
+        rejects("[server]\nbogus = 1", "bogus");
+        rejects("[upstream]\nrequest_timeout = \"ten\"", "request_timeout");
+        rejects("[upstream]\nbase_url = \"https://x.example/restapi\"", "no path");
+        rejects("[upstream]\nbase_url = \"ftp://x.example\"", "http");
+        rejects("[upstream]\ntoken_path = \"oauth\"", "token_path");
+        rejects("[upstream]\nconnect_timeout = \"0s\"", "connect_timeout");
+        rejects("[[clients.registered]]\nclient_id = \"a\"", "needs client_secret");
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"\nauth_method = \"none\"\nclient_secret = \"s\"",
+            "sends no secret",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"s\"\nallowed_grants = [\"magic\"]",
+            "magic",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"s\"\n\
+             [[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"t\"",
+            "registered twice",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"s\"\ndefault = true\n\
+             [[clients.registered]]\nclient_id = \"b\"\nclient_secret = \"t\"\ndefault = true",
+            "more than one default",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/secret\"",
+            "cannot read client_secret_file",
+        );
+    }
+
+    #[test]
+    fn a_bad_secret_value_is_never_echoed() {
+        let error = Config::from_toml(
+            "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"s3cr3t-value\"\n\
+             client_secret_file = \"/x\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("s3cr3t-value"), "{error}");
+    }
+}

@@ -1,0 +1,228 @@
+//! The one place where a failed call becomes a `tonic::Status` (contract §2).
+//!
+//! Every status carries `google.rpc.ErrorInfo` (domain `tokengate`), `RetryInfo` whenever a
+//! wait is known, and `BadRequest` for local validation. Messages and metadata never hold a
+//! secret: upstream text was scrubbed when it was decoded, and is capped here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+
+use crate::client::ClientError;
+use crate::grant::{GrantKind, Violation};
+use crate::upstream::{OAuthError, UpstreamError, UpstreamErrorKind};
+
+/// `ErrorInfo.domain` of every tokengate error.
+pub const DOMAIN: &str = "tokengate";
+
+/// Longest `ErrorInfo.metadata` value, in characters.
+const MAX_METADATA_CHARS: usize = 256;
+
+/// Wait suggested for `authorization_pending` (RFC 8628's default polling interval).
+const PENDING_RETRY: Duration = Duration::from_secs(5);
+/// Wait suggested for `slow_down` without `Retry-After`: the default interval plus the
+/// 5 s that RFC 8628 §3.5 adds.
+const SLOW_DOWN_RETRY: Duration = Duration::from_secs(10);
+/// Wait suggested for a 429 without `Retry-After` (RingCentral: "30 s or more").
+const RATE_LIMIT_RETRY: Duration = Duration::from_secs(30);
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The request failed local validation.
+    InvalidRequest(Vec<Violation>),
+    /// The client could not be resolved or may not use the grant.
+    Client(ClientError),
+    /// The upstream refused or failed. `caller_credentials` is true when the caller supplied
+    /// the client authentication (a `client_assertion`).
+    Upstream { error: UpstreamError, caller_credentials: bool },
+}
+
+/// A failed call and what it was for.
+#[derive(Debug)]
+pub struct CallError {
+    pub failure: Failure,
+    pub grant: Option<GrantKind>,
+    pub client_id: Option<String>,
+}
+
+impl CallError {
+    /// The ErrorInfo reason, also logged.
+    pub fn reason(&self) -> &'static str {
+        classify(&self.failure).1
+    }
+}
+
+/// The code, the reason and the suggested wait of a failure.
+fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
+    match failure {
+        Failure::InvalidRequest(_) => (Code::InvalidArgument, "INVALID_REQUEST", None),
+        Failure::Client(ClientError::Missing) => (Code::InvalidArgument, "INVALID_REQUEST", None),
+        Failure::Client(ClientError::Unknown(_)) => (Code::PermissionDenied, "UNKNOWN_CLIENT", None),
+        Failure::Client(ClientError::GrantNotAllowed { .. }) => {
+            (Code::PermissionDenied, "GRANT_NOT_ALLOWED", None)
+        }
+        Failure::Upstream { error, caller_credentials } => classify_upstream(error, *caller_credentials),
+    }
+}
+
+fn classify_upstream(error: &UpstreamError, caller_credentials: bool) -> (Code, &'static str, Option<Duration>) {
+    match &error.kind {
+        UpstreamErrorKind::OAuth => classify_oauth(error, caller_credentials),
+        UpstreamErrorKind::RateLimited => (
+            Code::ResourceExhausted,
+            "UPSTREAM_RATE_LIMITED",
+            Some(error.retry_after.unwrap_or(RATE_LIMIT_RETRY)),
+        ),
+        UpstreamErrorKind::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE", error.retry_after),
+        UpstreamErrorKind::Timeout => (Code::Unavailable, "UPSTREAM_TIMEOUT", None),
+        UpstreamErrorKind::BadResponse(_) => (Code::Unavailable, "UPSTREAM_BAD_RESPONSE", None),
+        UpstreamErrorKind::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", None),
+    }
+}
+
+/// Maps on the OAuth `error` value, then on RingCentral's error code, and only then on the
+/// HTTP status: RingCentral answers most token errors with 400 whatever its docs list.
+fn classify_oauth(error: &UpstreamError, caller_credentials: bool) -> (Code, &'static str, Option<Duration>) {
+    let oauth = error.oauth.as_ref();
+    let name = oauth.and_then(|o| o.error.as_deref());
+    let name = name.or_else(|| oauth.and_then(|o| o.error_code.as_deref()).and_then(oauth_name_of_code));
+    match name {
+        Some("invalid_request") => (Code::InvalidArgument, "INVALID_REQUEST", None),
+        Some("invalid_client") if caller_credentials => (Code::Unauthenticated, "INVALID_CLIENT", None),
+        Some("invalid_client") => (Code::FailedPrecondition, "INVALID_CLIENT", None),
+        Some("invalid_grant") => (Code::Unauthenticated, "INVALID_GRANT", None),
+        Some("unauthorized_client") => (Code::PermissionDenied, "UNAUTHORIZED_CLIENT", None),
+        Some("unsupported_grant_type") => (Code::Unimplemented, "UNSUPPORTED_GRANT_TYPE", None),
+        Some("invalid_scope") => (Code::InvalidArgument, "INVALID_SCOPE", None),
+        Some("access_denied") => (Code::PermissionDenied, "ACCESS_DENIED", None),
+        Some("authorization_pending") => (
+            Code::FailedPrecondition,
+            "AUTHORIZATION_PENDING",
+            Some(error.retry_after.unwrap_or(PENDING_RETRY)),
+        ),
+        Some("slow_down") => (
+            Code::ResourceExhausted,
+            "SLOW_DOWN",
+            Some(error.retry_after.unwrap_or(SLOW_DOWN_RETRY)),
+        ),
+        Some("expired_token") => (Code::FailedPrecondition, "EXPIRED_TOKEN", None),
+        _ => {
+            let code = match error.http_status {
+                Some(401) => Code::Unauthenticated,
+                Some(403) => Code::PermissionDenied,
+                _ => Code::FailedPrecondition,
+            };
+            (code, "UPSTREAM_ERROR", error.retry_after)
+        }
+    }
+}
+
+/// The RFC 6749 error that a RingCentral error code stands for, for bodies that carry only
+/// `errors[].errorCode` (DOCS `errors.md`).
+fn oauth_name_of_code(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "OAU-120" | "OAU-121" | "OAU-123" | "OAU-127" | "OAU-134" | "OAU-146" | "OAU-151" => "invalid_client",
+        "OAU-106" | "OAU-108" | "OAU-110" | "OAU-140" => "invalid_grant",
+        "OAU-112" | "OAU-125" | "OAU-251" => "unauthorized_client",
+        _ => return None,
+    })
+}
+
+fn cap(text: &str) -> String {
+    match text.char_indices().nth(MAX_METADATA_CHARS) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+fn message(error: &CallError) -> String {
+    match &error.failure {
+        Failure::InvalidRequest(violations) => {
+            let fields: Vec<String> =
+                violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
+            format!("invalid request: {}", fields.join("; "))
+        }
+        Failure::Client(client) => client.to_string(),
+        Failure::Upstream { error, .. } => upstream_message(error),
+    }
+}
+
+fn upstream_message(error: &UpstreamError) -> String {
+    let status = error.http_status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+    let said = error.oauth.as_ref().map(oauth_summary).unwrap_or_default();
+    match &error.kind {
+        UpstreamErrorKind::OAuth => format!("upstream refused the request{status}{said}"),
+        UpstreamErrorKind::RateLimited => format!("upstream rate limit reached{status}{said}"),
+        UpstreamErrorKind::Unavailable(_) if error.http_status.is_some() => {
+            format!("upstream failed{status}{said}")
+        }
+        UpstreamErrorKind::Unavailable(_) => "upstream could not be reached".to_owned(),
+        UpstreamErrorKind::Timeout => "upstream did not answer within upstream.request_timeout".to_owned(),
+        UpstreamErrorKind::BadResponse(what) => format!("upstream sent {what}{status}"),
+        UpstreamErrorKind::DeadlineExceeded => "the call's deadline passed before the upstream answered".to_owned(),
+    }
+}
+
+fn oauth_summary(oauth: &OAuthError) -> String {
+    let parts: Vec<&str> = [&oauth.error, &oauth.error_code, &oauth.description]
+        .into_iter()
+        .filter_map(|p| p.as_deref())
+        .collect();
+    if parts.is_empty() { String::new() } else { cap(&format!(": {}", parts.join(" "))) }
+}
+
+fn metadata(error: &CallError) -> HashMap<String, String> {
+    let mut metadata = HashMap::new();
+    let mut put = |key: &str, value: &str| {
+        metadata.insert(key.to_owned(), cap(value));
+    };
+    if let Some(grant) = error.grant {
+        put("grantType", grant.as_str());
+    }
+    if let Some(client_id) = &error.client_id {
+        put("clientId", client_id);
+    }
+    if let Failure::Upstream { error, .. } = &error.failure {
+        if let Some(status) = error.http_status {
+            put("upstreamHttpStatus", &status.to_string());
+        }
+        if let Some(id) = &error.request_id {
+            put("upstreamRequestId", id);
+        }
+        if let Some(oauth) = &error.oauth {
+            for (key, value) in [
+                ("oauthError", &oauth.error),
+                ("oauthErrorDescription", &oauth.description),
+                ("upstreamErrorCode", &oauth.error_code),
+            ] {
+                if let Some(value) = value {
+                    put(key, value);
+                }
+            }
+        }
+    }
+    metadata
+}
+
+impl From<CallError> for Status {
+    fn from(error: CallError) -> Self {
+        let (code, reason, retry) = classify(&error.failure);
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason, DOMAIN, metadata(&error));
+        if retry.is_some() {
+            details.set_retry_info(retry);
+        }
+        if let Failure::InvalidRequest(violations) = &error.failure {
+            let violations: Vec<FieldViolation> =
+                violations.iter().map(|v| FieldViolation::new(&v.field, &v.description)).collect();
+            details.set_bad_request(violations);
+        }
+        if let Failure::Client(ClientError::Missing) = &error.failure {
+            details.add_bad_request_violation("client_id", "is required: no default client is registered");
+        }
+        Status::with_error_details(code, message(&error), details)
+    }
+}

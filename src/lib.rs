@@ -1,0 +1,18 @@
+//! tokengate: a gRPC service that turns typed token requests into the form POSTs an OAuth 2.0
+//! token endpoint (RingCentral's first of all) expects, and answers with typed tokens or
+//! precise gRPC errors.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod grant;
+pub mod proto;
+pub mod service;
+pub mod startup;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::Config;
+pub use startup::{Application, Drain};

@@ -1,0 +1,263 @@
+//! `tokengate.v1.TokenService`: proto in, validated domain request, upstream call, proto out.
+//! Proto types stop here; every failure leaves through [`crate::error`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument as _, field};
+
+use crate::client::Clients;
+use crate::error::{CallError, Failure};
+use crate::grant::{GrantKind, RevokeRequest, TokenRequest};
+use crate::proto::{self, token_service_server::TokenService};
+use crate::upstream::{Outgoing, Token, Upstream, UpstreamError};
+
+/// tonic's own `grpc-timeout` layer answers CANCELLED at the caller's deadline; ending the
+/// upstream call this much earlier lets us answer DEADLINE_EXCEEDED as the contract says.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The TokenService implementation, shared by every connection.
+#[derive(Clone, Debug)]
+pub struct TokenGate {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    clients: Clients,
+    upstream: Upstream,
+}
+
+impl TokenGate {
+    pub fn new(clients: Clients, upstream: Upstream) -> Self {
+        Self { inner: Arc::new(Inner { clients, upstream }) }
+    }
+
+    async fn get_token(&self, request: proto::GetTokenRequest, deadline: Option<Instant>) -> Result<Token, CallError> {
+        let span = tracing::Span::current();
+        let grant_kind = request.grant.as_ref().map(grant_kind_of);
+        if let Some(kind) = grant_kind {
+            span.record("grant_type", kind.as_str());
+        }
+        let fail = |failure, client_id: Option<&str>| CallError {
+            failure,
+            grant: grant_kind,
+            client_id: client_id.map(str::to_owned),
+        };
+        let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
+        let request = TokenRequest::try_from(request)
+            .map_err(|violations| fail(Failure::InvalidRequest(violations), request_client_id.as_deref()))?;
+        let kind = request.grant.kind();
+        let auth = self
+            .inner
+            .clients
+            .resolve(request.client_id.as_deref(), request.client_assertion.as_ref(), Some(kind))
+            .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
+        if let Some(client_id) = auth.client_id() {
+            span.record("client_id", client_id);
+        }
+        let mut fields = request.form_fields();
+        auth.push_fields(&mut fields);
+        let outgoing = Outgoing { fields, basic: auth.basic() };
+        let result = self.inner.upstream.token(&outgoing, deadline).await;
+        record_upstream(&span, result.as_ref().err());
+        result.map_err(|error| {
+            fail(Failure::Upstream { error, caller_credentials: auth.from_caller() }, auth.client_id())
+        })
+    }
+
+    async fn revoke(&self, request: proto::RevokeTokenRequest, deadline: Option<Instant>) -> Result<(), CallError> {
+        let span = tracing::Span::current();
+        let fail = |failure, client_id: Option<&str>| CallError {
+            failure,
+            grant: None,
+            client_id: client_id.map(str::to_owned),
+        };
+        let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
+        let request = RevokeRequest::try_from(request)
+            .map_err(|violations| fail(Failure::InvalidRequest(violations), request_client_id.as_deref()))?;
+        let auth = self
+            .inner
+            .clients
+            .resolve(request.client_id.as_deref(), request.client_assertion.as_ref(), None)
+            .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
+        if let Some(client_id) = auth.client_id() {
+            span.record("client_id", client_id);
+        }
+        let mut fields = request.form_fields();
+        auth.push_fields(&mut fields);
+        let outgoing = Outgoing { fields, basic: auth.basic() };
+        let result = self.inner.upstream.revoke(&outgoing, deadline).await;
+        record_upstream(&span, result.as_ref().err());
+        result.map_err(|error| {
+            fail(Failure::Upstream { error, caller_credentials: auth.from_caller() }, auth.client_id())
+        })
+    }
+}
+
+fn grant_kind_of(grant: &proto::get_token_request::Grant) -> GrantKind {
+    use proto::get_token_request::Grant as G;
+    match grant {
+        G::AuthorizationCode(_) => GrantKind::AuthorizationCode,
+        G::Password(_) => GrantKind::Password,
+        G::JwtBearer(_) => GrantKind::JwtBearer,
+        G::PartnerJwt(_) => GrantKind::PartnerJwt,
+        G::RefreshToken(_) => GrantKind::RefreshToken,
+        G::IvrPin(_) => GrantKind::IvrPin,
+        G::DeviceCode(_) => GrantKind::DeviceCode,
+        G::ClientCredentials(_) => GrantKind::ClientCredentials,
+        G::Otp(_) => GrantKind::Otp,
+        G::Guest(_) => GrantKind::Guest,
+        G::PersonalJwt(_) => GrantKind::PersonalJwt,
+        G::DeviceCertificate(_) => GrantKind::DeviceCertificate,
+    }
+}
+
+fn record_upstream(span: &tracing::Span, error: Option<&UpstreamError>) {
+    match error {
+        None => span.record("upstream_status", 200_u16),
+        Some(UpstreamError { http_status: Some(status), .. }) => span.record("upstream_status", *status),
+        Some(_) => span.record("upstream_status", "none"),
+    };
+}
+
+/// The caller's deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`].
+fn caller_deadline(metadata: &MetadataMap, arrived: Instant) -> Option<Instant> {
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(arrived + timeout.saturating_sub(DEADLINE_MARGIN))
+}
+
+/// `grpc-timeout` per the gRPC HTTP/2 spec: at most 8 digits and a unit.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn duration(seconds: Option<u64>) -> Option<prost_types::Duration> {
+    seconds.map(|s| prost_types::Duration { seconds: i64::try_from(s).unwrap_or(i64::MAX), nanos: 0 })
+}
+
+fn instant_after(start: SystemTime, seconds: Option<u64>) -> Option<prost_types::Timestamp> {
+    let at = start.checked_add(Duration::from_secs(seconds?))?;
+    Some(prost_types::Timestamp::from(at))
+}
+
+fn expose(secret: Option<SecretString>) -> String {
+    secret.map(|s| s.expose_secret().to_owned()).unwrap_or_default()
+}
+
+impl From<Token> for proto::GetTokenResponse {
+    fn from(token: Token) -> Self {
+        let session_expiration_time = token.session_expiration_time.as_deref().and_then(|text| {
+            let parsed = text.parse::<prost_types::Timestamp>();
+            if parsed.is_err() {
+                tracing::warn!(value = text, "upstream session_expiration_time is not RFC 3339; left unset");
+            }
+            parsed.ok()
+        });
+        Self {
+            access_token: expose(token.access_token),
+            token_type: token.token_type.unwrap_or_default(),
+            expires_in: duration(token.expires_in),
+            expires_at: instant_after(token.received_at, token.expires_in),
+            refresh_token: expose(token.refresh_token),
+            refresh_token_expires_in: duration(token.refresh_token_expires_in),
+            refresh_token_expires_at: instant_after(token.received_at, token.refresh_token_expires_in),
+            scopes: token.scope.unwrap_or_default().split_whitespace().map(str::to_owned).collect(),
+            owner_id: token.owner_id.unwrap_or_default(),
+            endpoint_id: token.endpoint_id.unwrap_or_default(),
+            session_id: token.session_id.unwrap_or_default(),
+            id_token: expose(token.id_token),
+            session_expires_in: duration(token.session_expires_in),
+            session_expiration_time,
+            session_idle_timeout: duration(token.session_idle_timeout),
+        }
+    }
+}
+
+/// Logs the end of a call on its span, with the latency and, on failure, the reason.
+fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallError>) {
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.record("latency_ms", latency_ms);
+    match result {
+        Ok(_) => tracing::info!(parent: span, "call succeeded"),
+        Err(error) => {
+            let detail = match &error.failure {
+                Failure::Upstream { error, .. } => format!("{:?}", error.kind),
+                Failure::InvalidRequest(v) => format!("{} invalid field(s)", v.len()),
+                Failure::Client(e) => e.to_string(),
+            };
+            tracing::info!(parent: span, reason = error.reason(), detail, "call failed");
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenGate {
+    async fn get_token(
+        &self,
+        request: Request<proto::GetTokenRequest>,
+    ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        let started = Instant::now();
+        let deadline = caller_deadline(request.metadata(), started);
+        let span = tracing::info_span!(
+            "GetToken",
+            grant_type = field::Empty,
+            client_id = field::Empty,
+            upstream_status = field::Empty,
+            latency_ms = field::Empty,
+        );
+        let result = TokenGate::get_token(self, request.into_inner(), deadline).instrument(span.clone()).await;
+        finish(&span, started, &result);
+        result.map(|token| Response::new(token.into())).map_err(Status::from)
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<proto::RevokeTokenRequest>,
+    ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
+        let started = Instant::now();
+        let deadline = caller_deadline(request.metadata(), started);
+        let span = tracing::info_span!(
+            "RevokeToken",
+            client_id = field::Empty,
+            upstream_status = field::Empty,
+            latency_ms = field::Empty,
+        );
+        let result = self.revoke(request.into_inner(), deadline).instrument(span.clone()).await;
+        finish(&span, started, &result);
+        result.map(|()| Response::new(proto::RevokeTokenResponse {})).map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_is_parsed_per_spec() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! Assembles the server: binds the listener, builds TokenService with health and reflection,
+//! serves, and drains on shutdown (contract §5).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::client::Clients;
+use crate::config::Config;
+use crate::proto::token_service_server::TokenServiceServer;
+use crate::service::TokenGate;
+use crate::upstream::Upstream;
+
+/// The health name of the token service.
+pub const SERVICE_NAME: &str = "tokengate.v1.TokenService";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Setup(String),
+    #[error("server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// How the drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// Every in-flight call finished within the grace period.
+    Complete,
+    /// The grace period ran out; remaining calls were dropped.
+    TimedOut,
+    /// The server stopped without a shutdown signal.
+    NotStarted,
+}
+
+/// A bound, ready-to-serve tokengate.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    grace: Duration,
+    service: TokenGate,
+}
+
+impl Application {
+    /// Binds the listener (port 0 picks a free port) and builds the service.
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind { addr, source })?;
+        let clients = Clients::new(&config.clients).map_err(StartupError::Setup)?;
+        let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
+        Ok(Self { listener, addr, grace: config.server.shutdown_grace_period, service: TokenGate::new(clients, upstream) })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then flips health to NOT_SERVING, stops accepting
+    /// and drains in-flight calls for at most the grace period.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<Drain, StartupError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<TokenServiceServer<TokenGate>>().await;
+        let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+            builder
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .map_err(|e| StartupError::Setup(format!("reflection: {e}")))?;
+        // grpcurl 1.8 speaks only v1alpha.
+        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .map_err(|e| StartupError::Setup(format!("reflection: {e}")))?;
+
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!(grace = %humantime::format_duration(self.grace), "shutdown signal received; draining");
+            set_all(&reporter, ServingStatus::NotServing).await;
+            let _ = started_tx.send(());
+        };
+        tracing::info!(addr = %self.addr, "listening");
+        let server = Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(TokenServiceServer::new(self.service))
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => result.map(|()| Drain::NotStarted).map_err(StartupError::from),
+            Ok(()) = started_rx => match tokio::time::timeout(self.grace, server).await {
+                Ok(result) => result.map(|()| Drain::Complete).map_err(StartupError::from),
+                Err(_) => Ok(Drain::TimedOut),
+            },
+        }
+    }
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

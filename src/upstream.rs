@@ -1,0 +1,410 @@
+//! The upstream token endpoint: one pooled HTTP client for the process, a form POST per
+//! call, and the decoding of a token or an OAuth error from a size-capped body.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Deserializer};
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
+use crate::grant::FormField;
+
+/// Largest body read from the upstream (contract §6).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// `User-Agent` and `X-User-Agent` (RingCentral's SDKs send both).
+pub const AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
+
+const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
+
+/// One form POST: the body fields in order, and Basic credentials when the client uses them.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    pub fields: Vec<FormField<'a>>,
+    pub basic: Option<(&'a str, &'a SecretString)>,
+}
+
+impl Outgoing<'_> {
+    /// The `application/x-www-form-urlencoded` body.
+    pub fn body(&self) -> String {
+        let pairs: Vec<(&str, &str)> = self.fields.iter().map(|f| (f.name, f.value.as_ref())).collect();
+        serde_urlencoded::to_string(pairs).expect("a sequence of string pairs always encodes")
+    }
+
+    /// Every secret value this request carries, to scrub from what the upstream echoes.
+    fn secrets(&self) -> impl Iterator<Item = &str> {
+        let fields = self.fields.iter().filter(|f| f.secret).map(|f| f.value.as_ref());
+        fields.chain(self.basic.map(|(_, secret)| secret.expose_secret()))
+    }
+}
+
+/// The token endpoint and the revocation endpoint of one authorization server.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    http: reqwest::Client,
+    token_url: Url,
+    revoke_url: Url,
+    request_timeout: Duration,
+}
+
+/// A successful token response, secrets wrapped, with the time it arrived.
+#[derive(Debug, Deserialize)]
+pub struct Token {
+    #[serde(default)]
+    pub access_token: Option<SecretString>,
+    #[serde(default)]
+    pub token_type: Option<String>,
+    #[serde(default, deserialize_with = "seconds")]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub refresh_token: Option<SecretString>,
+    #[serde(default, deserialize_with = "seconds")]
+    pub refresh_token_expires_in: Option<u64>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub owner_id: Option<String>,
+    #[serde(default)]
+    pub endpoint_id: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub id_token: Option<SecretString>,
+    #[serde(default, deserialize_with = "seconds")]
+    pub session_expires_in: Option<u64>,
+    #[serde(default)]
+    pub session_expiration_time: Option<String>,
+    #[serde(default, deserialize_with = "seconds")]
+    pub session_idle_timeout: Option<u64>,
+    /// When the response headers arrived; absolute expiry times count from here.
+    #[serde(skip, default = "SystemTime::now")]
+    pub received_at: SystemTime,
+}
+
+/// Accepts a whole number of seconds as a JSON number or a numeric string (both occur).
+fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seconds<'a> {
+        Number(u64),
+        Text(Cow<'a, str>),
+        Null(()),
+    }
+    match Seconds::deserialize(deserializer)? {
+        Seconds::Number(n) => Ok(Some(n)),
+        Seconds::Text(text) => text.trim().parse().map(Some).map_err(serde::de::Error::custom),
+        Seconds::Null(()) => Ok(None),
+    }
+}
+
+/// An OAuth error as the upstream reported it, scrubbed of any secret we sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OAuthError {
+    /// RFC 6749 `error`, e.g. `invalid_grant`.
+    pub error: Option<String>,
+    pub description: Option<String>,
+    /// RingCentral `errors[0].errorCode`, e.g. `OAU-140`.
+    pub error_code: Option<String>,
+}
+
+/// What went wrong upstream, with what the upstream told us about it.
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    pub http_status: Option<u16>,
+    /// RingCentral's `RCRequestId` header.
+    pub request_id: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub oauth: Option<OAuthError>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// A 4xx (or 2xx) carrying an OAuth error in `oauth`.
+    OAuth,
+    /// HTTP 429.
+    RateLimited,
+    /// HTTP 5xx, or the connection failed; the detail is for logs.
+    Unavailable(String),
+    /// No answer within `request_timeout`.
+    Timeout,
+    /// A body that is neither a token nor an OAuth error; the detail says which.
+    BadResponse(&'static str),
+    /// The caller's deadline ran out before the upstream answered.
+    DeadlineExceeded,
+}
+
+impl UpstreamError {
+    fn new(kind: UpstreamErrorKind) -> Self {
+        Self { kind, http_status: None, request_id: None, retry_after: None, oauth: None }
+    }
+}
+
+/// A response whose body was read within the cap.
+struct Reply {
+    status: StatusCode,
+    request_id: Option<String>,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+    received_at: SystemTime,
+}
+
+impl Reply {
+    fn error(&self, kind: UpstreamErrorKind, oauth: Option<OAuthError>) -> UpstreamError {
+        UpstreamError {
+            kind,
+            http_status: Some(self.status.as_u16()),
+            request_id: self.request_id.clone(),
+            retry_after: self.retry_after,
+            oauth,
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+        let base = Url::parse(&config.base_url).map_err(|e| format!("upstream.base_url: {e}"))?;
+        let join = |path: &str| base.join(path).map_err(|e| format!("upstream path {path:?}: {e}"));
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
+        headers.insert("x-user-agent", HeaderValue::from_static(AGENT));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            // A token endpoint that redirects is misconfigured; never re-send credentials.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            token_url: join(&config.token_path)?,
+            revoke_url: join(&config.revoke_path)?,
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    pub fn token_url(&self) -> &Url {
+        &self.token_url
+    }
+
+    /// Exchanges a grant for a token.
+    pub async fn token(&self, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<Token, UpstreamError> {
+        let reply = self.post(&self.token_url, request, deadline).await?;
+        decode_token(&reply, request)
+    }
+
+    /// Revokes a token; any 2xx is success.
+    pub async fn revoke(&self, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<(), UpstreamError> {
+        let reply = self.post(&self.revoke_url, request, deadline).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        Err(decode_failure(&reply, request))
+    }
+
+    /// Sends the form and reads the reply, bounded by min(caller's deadline, request_timeout).
+    async fn post(&self, url: &Url, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<Reply, UpstreamError> {
+        let own_deadline = Instant::now() + self.request_timeout;
+        let (until, callers) = match deadline {
+            Some(caller) if caller < own_deadline => (caller, true),
+            _ => (own_deadline, false),
+        };
+        let mut builder = self
+            .http
+            .post(url.clone())
+            .header(CONTENT_TYPE, FORM_CONTENT_TYPE)
+            .body(request.body());
+        if let Some((client_id, secret)) = request.basic {
+            builder = builder.basic_auth(client_id, Some(secret.expose_secret()));
+        }
+        match tokio::time::timeout_at(until, send(builder)).await {
+            Ok(result) => result,
+            Err(_elapsed) if callers => Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded)),
+            Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
+        }
+    }
+}
+
+async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> {
+    let mut response = builder.send().await.map_err(|e| unavailable(None, &e))?;
+    let received_at = SystemTime::now();
+    let status = response.status();
+    let headers = response.headers();
+    let request_id = headers
+        .get("rcrequestid")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let retry_after = headers.get(RETRY_AFTER).and_then(parse_retry_after);
+    let too_big = |status: StatusCode, request_id: Option<String>| UpstreamError {
+        request_id,
+        http_status: Some(status.as_u16()),
+        ..UpstreamError::new(UpstreamErrorKind::BadResponse("the response body is larger than 1 MiB"))
+    };
+    if response.content_length().is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return Err(too_big(status, request_id));
+    }
+    let mut body = Vec::with_capacity(response.content_length().map_or(1024, |len| len as usize));
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() > MAX_BODY_BYTES => {
+                return Err(too_big(status, request_id));
+            }
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) => return Err(UpstreamError { request_id, ..unavailable(Some(status), &e) }),
+        }
+    }
+    Ok(Reply { status, request_id, retry_after, body, received_at })
+}
+
+fn unavailable(status: Option<StatusCode>, error: &reqwest::Error) -> UpstreamError {
+    // The URL holds no secret (credentials travel in the body and headers); the cause
+    // chain is for the logs only.
+    let mut detail = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    UpstreamError {
+        http_status: status.map(|s| s.as_u16()),
+        ..UpstreamError::new(UpstreamErrorKind::Unavailable(detail))
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, UpstreamError> {
+    if !reply.status.is_success() {
+        return Err(decode_failure(reply, request));
+    }
+    match serde_json::from_slice::<Token>(&reply.body) {
+        Ok(token) if token.access_token.as_ref().is_some_and(|t| !t.expose_secret().is_empty()) => {
+            Ok(Token { received_at: reply.received_at, ..token })
+        }
+        // Some servers answer 200 with an OAuth error body.
+        Ok(_) => Err(match oauth_error(&reply.body, request) {
+            Some(oauth) => reply.error(UpstreamErrorKind::OAuth, Some(oauth)),
+            None => reply.error(UpstreamErrorKind::BadResponse("a 2xx response without access_token"), None),
+        }),
+        Err(_) => Err(reply.error(UpstreamErrorKind::BadResponse("a 2xx response that is not a JSON token"), None)),
+    }
+}
+
+/// Classifies a non-2xx reply: rate limit and server errors by status, OAuth errors by body.
+fn decode_failure(reply: &Reply, request: &Outgoing<'_>) -> UpstreamError {
+    let oauth = oauth_error(&reply.body, request);
+    let status = reply.status;
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        reply.error(UpstreamErrorKind::RateLimited, oauth)
+    } else if status.is_server_error() {
+        let detail = format!("HTTP {status}");
+        reply.error(UpstreamErrorKind::Unavailable(detail), oauth)
+    } else if oauth.is_some() {
+        reply.error(UpstreamErrorKind::OAuth, oauth)
+    } else {
+        reply.error(UpstreamErrorKind::BadResponse("an error status without an OAuth error body"), None)
+    }
+}
+
+/// The OAuth error in a body, if it is one: `error` (RFC 6749 §5.2) and/or RingCentral's
+/// `errors[].errorCode`. Every field is optional, as real bodies vary.
+fn oauth_error(body: &[u8], request: &Outgoing<'_>) -> Option<OAuthError> {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Option<String>,
+        error_description: Option<String>,
+        #[serde(rename = "errorCode")]
+        error_code: Option<String>,
+        message: Option<String>,
+        #[serde(default)]
+        errors: Vec<ApiError>,
+    }
+    #[derive(Deserialize)]
+    struct ApiError {
+        #[serde(rename = "errorCode")]
+        error_code: Option<String>,
+        message: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    let first = body.errors.into_iter().next();
+    let (first_code, first_message) = first.map_or((None, None), |e| (e.error_code, e.message));
+    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let error = nonempty(body.error);
+    let error_code = nonempty(first_code).or(nonempty(body.error_code));
+    if error.is_none() && error_code.is_none() {
+        return None;
+    }
+    let description = nonempty(body.error_description).or(nonempty(first_message)).or(nonempty(body.message));
+    let scrub = |text: Option<String>| text.map(|t| scrub(t, request.secrets()));
+    Some(OAuthError { error: scrub(error), description: scrub(description), error_code: scrub(error_code) })
+}
+
+/// Replaces every occurrence of a secret we sent with `[REDACTED]`.
+fn scrub<'a>(mut text: String, secrets: impl Iterator<Item = &'a str>) -> String {
+    for secret in secrets.filter(|s| !s.is_empty()) {
+        if text.contains(secret) {
+            text = text.replace(secret, "[REDACTED]");
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            request_id: None,
+            retry_after: None,
+            body: body.as_bytes().to_vec(),
+            received_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("42")), Some(Duration::from_secs(42)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let parsed = parse_retry_after(&HeaderValue::from_str(&later).unwrap()).unwrap();
+        assert!(parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120), "{parsed:?}");
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn echoed_secrets_are_scrubbed_from_oauth_errors() {
+        let secret = SecretString::from("pa55-word");
+        let request = Outgoing { fields: vec![FormField::secret("password", &secret)], basic: None };
+        let body = r#"{"error":"invalid_grant","error_description":"password pa55-word is wrong"}"#;
+        let error = decode_failure(&reply(400, body), &request);
+        assert_eq!(error.kind, UpstreamErrorKind::OAuth);
+        assert_eq!(error.oauth.unwrap().description.unwrap(), "password [REDACTED] is wrong");
+    }
+
+    #[test]
+    fn numeric_strings_are_accepted_as_seconds() {
+        let request = Outgoing { fields: vec![], basic: None };
+        let token = decode_token(&reply(200, r#"{"access_token":"a","expires_in":"3600","x":[1]}"#), &request).unwrap();
+        assert_eq!(token.expires_in, Some(3600));
+        let error = decode_token(&reply(200, r#"{"access_token":"a","expires_in":"soon"}"#), &request).unwrap_err();
+        assert!(matches!(error.kind, UpstreamErrorKind::BadResponse(_)));
+    }
+}
