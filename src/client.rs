@@ -153,3 +153,6 @@ impl Clients {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

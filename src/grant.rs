@@ -447,3 +447,6 @@ impl TryFrom<proto::RevokeTokenRequest> for RevokeRequest {
         check.finish(|| Self { token, client_id: optional(client_id), client_assertion })
     }
 }
+
+#[cfg(test)]
+mod tests;

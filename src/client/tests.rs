@@ -1,0 +1,1 @@
+//! Unit tests of client resolution and authentication fields.

@@ -1,0 +1,1 @@
+//! Unit tests of grant validation and translation.

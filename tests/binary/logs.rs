@@ -1,0 +1,288 @@
+//! What the binary logs: one span per call with its identifiers, and never a secret, even at
+//! TRACE level across every grant, every client authentication and every error path.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokengate::proto::{self, GetTokenRequest, get_token_request::Grant};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::process::{Served, message};
+
+const CLIENT_SECRET_BASIC: &str = "SECRET-client-basic-4Qx";
+const CLIENT_SECRET_POST: &str = "SECRET-client-post-8Zr";
+const CLIENT_ASSERTION: &str = "SECRET-client-assertion-2Lp";
+const ACCESS_TOKEN: &str = "SECRET-access-token-7Hn";
+const REFRESH_TOKEN_OUT: &str = "SECRET-refresh-token-out-3Vb";
+const ID_TOKEN: &str = "SECRET-id-token-6Kd";
+const REVOKED_TOKEN: &str = "SECRET-revoked-token-1Ws";
+
+/// Every secret a request of [`every_grant`] carries.
+const GRANT_SECRETS: &[&str] = &[
+    "SECRET-auth-code-1Aa",
+    "SECRET-code-verifier-2Bb",
+    "SECRET-password-3Cc",
+    "SECRET-pin-4Dd",
+    "SECRET-jwt-assertion-5Ee",
+    "SECRET-partner-assertion-6Ff",
+    "SECRET-refresh-token-in-7Gg",
+    "SECRET-ivr-pin-8Hh",
+    "SECRET-device-code-9Ii",
+    "SECRET-otp-code-0Jj",
+    "SECRET-personal-jwt-1Kk",
+];
+
+fn config(base_url: &str) -> String {
+    format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        shutdown_grace_period = "5s"
+        [upstream]
+        base_url = "{base_url}"
+        request_timeout = "300ms"
+        [clients]
+        allow_public = false
+        [[clients.registered]]
+        client_id = "basic-app"
+        client_secret = "{CLIENT_SECRET_BASIC}"
+        default = true
+        [[clients.registered]]
+        client_id = "post-app"
+        client_secret = "{CLIENT_SECRET_POST}"
+        auth_method = "client_secret_post"
+        [[clients.registered]]
+        client_id = "narrow-app"
+        client_secret = "{CLIENT_SECRET_POST}"
+        allowed_grants = ["device_certificate"]
+        "#
+    )
+}
+
+#[allow(deprecated, reason = "the deprecated password pin is a secret too")]
+fn every_grant() -> Vec<Grant> {
+    let s = |i: usize| GRANT_SECRETS[i].to_owned();
+    vec![
+        Grant::AuthorizationCode(proto::AuthorizationCodeGrant {
+            code: s(0),
+            redirect_uri: "https://app.example/cb".into(),
+            code_verifier: s(1),
+        }),
+        Grant::Password(proto::PasswordGrant {
+            username: "alice@example.com".into(),
+            password: s(2),
+            extension: "101".into(),
+            pin: s(3),
+        }),
+        Grant::JwtBearer(proto::JwtBearerGrant { assertion: s(4) }),
+        Grant::PartnerJwt(proto::PartnerJwtGrant { assertion: s(5) }),
+        Grant::RefreshToken(proto::RefreshTokenGrant { refresh_token: s(6) }),
+        Grant::IvrPin(proto::IvrPinGrant { ivr_pin: s(7) }),
+        Grant::DeviceCode(proto::DeviceCodeGrant { device_code: s(8) }),
+        Grant::ClientCredentials(proto::ClientCredentialsGrant {
+            subject: Some(proto::client_credentials_grant::Subject::AccountId("acct-1".into())),
+        }),
+        Grant::Otp(proto::OtpGrant { code: s(9) }),
+        Grant::Guest(proto::GuestGrant {
+            brand_id: "1210".into(),
+            resource_type: "meeting".into(),
+            resource: "https://r.example/1".into(),
+        }),
+        Grant::PersonalJwt(proto::PersonalJwtGrant { assertion: s(10) }),
+        Grant::DeviceCertificate(proto::DeviceCertificateGrant {}),
+    ]
+}
+
+/// Each grant through each way of authenticating the client.
+fn every_request() -> Vec<GetTokenRequest> {
+    let mut requests = Vec::new();
+    for grant in every_grant() {
+        for (client_id, assertion) in [("basic-app", None), ("post-app", None), ("", Some(CLIENT_ASSERTION))] {
+            requests.push(GetTokenRequest {
+                grant: Some(grant.clone()),
+                client_id: client_id.into(),
+                client_assertion: assertion.map(|a| proto::ClientAssertion { assertion: a.into() }),
+                scopes: vec!["ReadAccounts".into()],
+                ..Default::default()
+            });
+        }
+    }
+    requests
+}
+
+/// Requests refused locally, each still carrying secrets.
+#[allow(deprecated, reason = "the deprecated password pin is a secret too")]
+fn locally_refused() -> Vec<GetTokenRequest> {
+    let password = Grant::Password(proto::PasswordGrant {
+        username: String::new(),
+        password: GRANT_SECRETS[2].into(),
+        extension: String::new(),
+        pin: GRANT_SECRETS[3].into(),
+    });
+    vec![
+        // missing username, bad scope, bad TTL
+        GetTokenRequest {
+            grant: Some(password),
+            scopes: vec!["Read Accounts".into()],
+            access_token_ttl: Some(prost_types::Duration { seconds: 1, nanos: 5 }),
+            client_assertion: Some(proto::ClientAssertion { assertion: CLIENT_ASSERTION.into() }),
+            ..Default::default()
+        },
+        // no grant
+        GetTokenRequest { client_id: "basic-app".into(), ..Default::default() },
+        // unknown client
+        GetTokenRequest {
+            grant: Some(Grant::Otp(proto::OtpGrant { code: GRANT_SECRETS[9].into() })),
+            client_id: "stranger".into(),
+            ..Default::default()
+        },
+        // grant not allowed
+        GetTokenRequest {
+            grant: Some(Grant::JwtBearer(proto::JwtBearerGrant { assertion: GRANT_SECRETS[4].into() })),
+            client_id: "narrow-app".into(),
+            ..Default::default()
+        },
+    ]
+}
+
+/// Upstream behaviours, one per error path of contract §2 plus success.
+fn scenarios() -> Vec<(&'static str, ResponseTemplate)> {
+    let echo = format!(
+        "bad credentials {} {} {} {}",
+        GRANT_SECRETS[2], CLIENT_SECRET_BASIC, CLIENT_SECRET_POST, CLIENT_ASSERTION
+    );
+    let oauth = |error: &str| {
+        ResponseTemplate::new(400).insert_header("RCRequestId", "req-1").set_body_json(serde_json::json!({
+            "error": error,
+            "error_description": echo,
+            "errors": [{"errorCode": "OAU-140", "message": echo, "parameterValue": GRANT_SECRETS[0]}],
+        }))
+    };
+    vec![
+        (
+            "token",
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": ACCESS_TOKEN,
+                "token_type": "bearer",
+                "expires_in": 3600,
+                "refresh_token": REFRESH_TOKEN_OUT,
+                "refresh_token_expires_in": 604800,
+                "id_token": ID_TOKEN,
+                "scope": "ReadAccounts",
+            })),
+        ),
+        ("invalid_grant", oauth("invalid_grant")),
+        ("invalid_client", oauth("invalid_client")),
+        ("authorization_pending", oauth("authorization_pending")),
+        ("slow_down", oauth("slow_down")),
+        ("unknown error", oauth("something_else")),
+        ("429", ResponseTemplate::new(429).insert_header("Retry-After", "5").set_body_string(echo.clone())),
+        ("503", ResponseTemplate::new(503).insert_header("Retry-After", "2").set_body_string(echo.clone())),
+        ("502 html", ResponseTemplate::new(502).set_body_string(format!("<html>{echo}</html>"))),
+        ("truncated", ResponseTemplate::new(200).set_body_string(format!("{{\"access_token\":\"{ACCESS_TOKEN}"))),
+        ("no access_token", ResponseTemplate::new(200).set_body_json(serde_json::json!({"refresh_token": REFRESH_TOKEN_OUT}))),
+        ("oversized", ResponseTemplate::new(200).set_body_string(format!("{{\"access_token\":\"{ACCESS_TOKEN}\",\"x\":\"{}\"}}", "a".repeat(2 << 20)))),
+        ("timeout", ResponseTemplate::new(200).set_delay(Duration::from_secs(2))),
+    ]
+}
+
+fn all_secrets() -> Vec<String> {
+    let mut secrets: Vec<String> = GRANT_SECRETS.iter().map(|s| (*s).to_owned()).collect();
+    secrets.extend(
+        [CLIENT_SECRET_BASIC, CLIENT_SECRET_POST, CLIENT_ASSERTION, ACCESS_TOKEN, REFRESH_TOKEN_OUT, ID_TOKEN, REVOKED_TOKEN]
+            .map(str::to_owned),
+    );
+    for (id, secret) in [("basic-app", CLIENT_SECRET_BASIC), ("post-app", CLIENT_SECRET_POST)] {
+        secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")));
+    }
+    secrets
+}
+
+async fn drive(served: &Served, requests: &[GetTokenRequest]) -> usize {
+    let mut client = served.client().await;
+    let mut done = 0;
+    for request in requests {
+        let _ = client.get_token(request.clone()).await;
+        done += 1;
+    }
+    for client_id in ["basic-app", "post-app"] {
+        let revoke = proto::RevokeTokenRequest { token: REVOKED_TOKEN.into(), client_id: client_id.into(), client_assertion: None };
+        let _ = client.revoke_token(revoke).await;
+        done += 1;
+    }
+    done
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_at_trace_level() {
+    let upstream = MockServer::start().await;
+    let served = Served::start(&config(&upstream.uri()), &[("RUST_LOG", "trace")]).await;
+    let mut calls = drive(&served, &locally_refused()).await;
+    for (name, response) in scenarios() {
+        upstream.reset().await;
+        Mock::given(method("POST")).respond_with(response).named(name).mount(&upstream).await;
+        calls += drive(&served, &every_request()).await;
+    }
+
+    // And with nothing listening upstream at all.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let refused = Served::start(&config(&closed), &[("RUST_LOG", "trace")]).await;
+    calls += drive(&refused, &every_request()).await;
+
+    let finished = |served: &Served| {
+        served.events().iter().filter(|e| matches!(message(e), Some("call succeeded" | "call failed"))).count()
+    };
+    assert_eq!(finished(&served) + finished(&refused), calls, "one finish event per call");
+
+    let logs = format!("{}\n{}", served.output(), refused.output());
+    assert!(logs.lines().count() > calls * 5, "TRACE logging was on ({} lines)", logs.lines().count());
+    assert!(logs.contains("h2") || logs.contains("hyper"), "dependency TRACE logs are included");
+    for secret in all_secrets() {
+        assert!(!logs.contains(&secret), "{secret} appears in the logs");
+    }
+}
+
+#[tokio::test]
+async fn each_call_logs_one_span_with_grant_client_status_and_latency() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token": ACCESS_TOKEN})))
+        .mount(&upstream)
+        .await;
+    let served = Served::start(&config(&upstream.uri()), &[]).await;
+    let mut client = served.client().await;
+    let request = GetTokenRequest {
+        grant: Some(Grant::JwtBearer(proto::JwtBearerGrant { assertion: GRANT_SECRETS[4].into() })),
+        client_id: "post-app".into(),
+        ..Default::default()
+    };
+    client.get_token(request).await.unwrap();
+
+    let event = served.wait_for(|e| message(e) == Some("call succeeded")).await;
+    let span = &event["span"];
+    assert_eq!(span["name"], "GetToken", "{event}");
+    assert_eq!(span["grant_type"], "jwt_bearer", "{event}");
+    assert_eq!(span["client_id"], "post-app", "{event}");
+    assert_eq!(span["upstream_status"], 200, "{event}");
+    assert!(span["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{event}");
+
+    upstream.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({"error": "invalid_grant"})))
+        .mount(&upstream)
+        .await;
+    let request = GetTokenRequest {
+        grant: Some(Grant::RefreshToken(proto::RefreshTokenGrant { refresh_token: GRANT_SECRETS[6].into() })),
+        ..Default::default()
+    };
+    client.get_token(request).await.unwrap_err();
+    let event = served.wait_for(|e| message(e) == Some("call failed")).await;
+    assert_eq!(event["fields"]["reason"], "INVALID_GRANT", "{event}");
+    assert_eq!(event["span"]["grant_type"], "refresh_token", "{event}");
+    assert_eq!(event["span"]["client_id"], "basic-app", "{event}");
+    assert_eq!(event["span"]["upstream_status"], 400, "{event}");
+}
