@@ -34,11 +34,20 @@ enum Method {
 #[derive(Debug)]
 pub enum ClientAuth<'a> {
     /// `Authorization: Basic`, and `client_id` in the body.
-    Basic { client_id: &'a str, secret: &'a SecretString },
+    Basic {
+        client_id: &'a str,
+        secret: &'a SecretString,
+    },
     /// `client_id` and `client_secret` in the body.
-    Post { client_id: &'a str, secret: &'a SecretString },
+    Post {
+        client_id: &'a str,
+        secret: &'a SecretString,
+    },
     /// The caller's own RFC 7523 assertion, plus `client_id` when known.
-    Assertion { client_id: Option<&'a str>, assertion: &'a SecretString },
+    Assertion {
+        client_id: Option<&'a str>,
+        assertion: &'a SecretString,
+    },
     /// A public client: `client_id` in the body only.
     Public { client_id: &'a str },
 }
@@ -77,11 +86,17 @@ impl<'a> ClientAuth<'a> {
                 out.push(FormField::plain("client_id", client_id));
                 out.push(FormField::secret("client_secret", secret));
             }
-            Self::Assertion { client_id, assertion } => {
+            Self::Assertion {
+                client_id,
+                assertion,
+            } => {
                 if let Some(client_id) = client_id {
                     out.push(FormField::plain("client_id", client_id));
                 }
-                out.push(FormField::plain("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                out.push(FormField::plain(
+                    "client_assertion_type",
+                    CLIENT_ASSERTION_TYPE,
+                ));
                 out.push(FormField::secret("client_assertion", assertion));
             }
         }
@@ -93,7 +108,9 @@ impl<'a> ClientAuth<'a> {
 pub enum ClientError {
     #[error("client_id {0:?} is not registered and public clients are not allowed")]
     Unknown(String),
-    #[error("no client_id was given, no client_assertion was given and no default client is registered")]
+    #[error(
+        "no client_id was given, no client_assertion was given and no default client is registered"
+    )]
     Missing,
     #[error("client {client_id:?} may not use the {grant} grant")]
     GrantNotAllowed { client_id: String, grant: GrantKind },
@@ -110,13 +127,30 @@ impl Clients {
                 (AuthMethod::ClientSecretPost, Some(secret)) => Method::Post(secret.clone()),
                 (AuthMethod::None, None) => Method::None,
                 (method, _) => {
-                    return Err(format!("client {:?}: auth_method {method:?} does not match its secret", c.client_id));
+                    return Err(format!(
+                        "client {:?}: auth_method {method:?} does not match its secret",
+                        c.client_id
+                    ));
                 }
             };
-            by_id.insert(c.client_id.clone(), Registered { method, allowed_grants: c.allowed_grants.clone() });
+            by_id.insert(
+                c.client_id.clone(),
+                Registered {
+                    method,
+                    allowed_grants: c.allowed_grants.clone(),
+                },
+            );
         }
-        let default = config.registered.iter().find(|c| c.default).map(|c| c.client_id.clone());
-        Ok(Self { allow_public: config.allow_public, by_id, default })
+        let default = config
+            .registered
+            .iter()
+            .find(|c| c.default)
+            .map(|c| c.client_id.clone());
+        Ok(Self {
+            allow_public: config.allow_public,
+            by_id,
+            default,
+        })
     }
 
     /// Decides how a request authenticates. `grant` is `None` for revocation, which any
@@ -129,10 +163,16 @@ impl Clients {
     ) -> Result<ClientAuth<'a>, ClientError> {
         let client_id = client_id.or(self.default.as_deref());
         let registered = client_id.and_then(|id| Some((id, self.by_id.get(id)?)));
-        if let (Some((id, client)), Some(grant)) = (registered, grant) {
-            if client.allowed_grants.as_ref().is_some_and(|allowed| !allowed.contains(&grant)) {
-                return Err(ClientError::GrantNotAllowed { client_id: id.to_owned(), grant });
-            }
+        if let (Some((id, client)), Some(grant)) = (registered, grant)
+            && client
+                .allowed_grants
+                .as_ref()
+                .is_some_and(|allowed| !allowed.contains(&grant))
+        {
+            return Err(ClientError::GrantNotAllowed {
+                client_id: id.to_owned(),
+                grant,
+            });
         }
         if registered.is_none() && !self.allow_public {
             return Err(match client_id {
@@ -141,7 +181,10 @@ impl Clients {
             });
         }
         if let Some(assertion) = assertion {
-            return Ok(ClientAuth::Assertion { client_id, assertion });
+            return Ok(ClientAuth::Assertion {
+                client_id,
+                assertion,
+            });
         }
         match registered {
             Some((client_id, client)) => Ok(match &client.method {
@@ -149,7 +192,9 @@ impl Clients {
                 Method::Post(secret) => ClientAuth::Post { client_id, secret },
                 Method::None => ClientAuth::Public { client_id },
             }),
-            None => client_id.map(|client_id| ClientAuth::Public { client_id }).ok_or(ClientError::Missing),
+            None => client_id
+                .map(|client_id| ClientAuth::Public { client_id })
+                .ok_or(ClientError::Missing),
         }
     }
 }

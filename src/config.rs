@@ -83,7 +83,10 @@ pub struct ClientsConfig {
 
 impl Default for ClientsConfig {
     fn default() -> Self {
-        Self { allow_public: true, registered: Vec::new() }
+        Self {
+            allow_public: true,
+            registered: Vec::new(),
+        }
     }
 }
 
@@ -106,7 +109,11 @@ pub enum AuthMethod {
 pub struct RegisteredClient {
     pub client_id: String,
     /// Inline secret, for development; prefer `client_secret_file`.
-    #[serde(default, serialize_with = "redacted", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        serialize_with = "redacted",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_secret: Option<SecretString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
@@ -123,7 +130,10 @@ pub struct RegisteredClient {
     pub secret: Option<SecretString>,
 }
 
-fn redacted<S: Serializer>(secret: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
+fn redacted<S: Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match secret {
         Some(_) => serializer.serialize_str("[REDACTED]"),
         None => serializer.serialize_none(),
@@ -154,19 +164,27 @@ impl Config {
         }
         // Only SECTION__KEY names are config keys; TOKENGATE_CONFIG and TOKENGATE_LOG_FORMAT
         // belong to the command line.
-        let env = Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__");
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
         Self::extract(figment.merge(env))
     }
 
     /// Parses and validates TOML text alone (no environment); used by tests.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::extract(Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
+        Self::extract(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)),
+        )
     }
 
     fn extract(figment: Figment) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(|error| {
             // figment can report several errors; the first is the one to fix first.
-            let first = error.into_iter().next().map(|e| e.to_string()).unwrap_or_default();
+            let first = error
+                .into_iter()
+                .next()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             ConfigError::Load(first.replace('\n', " "))
         })?;
         config.validate()?;
@@ -184,7 +202,9 @@ impl Config {
             Err(e) => return invalid(format!("upstream.base_url is not a URL: {e}")),
         };
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return invalid("upstream.base_url must be an http:// or https:// URL with a host".into());
+            return invalid(
+                "upstream.base_url must be an http:// or https:// URL with a host".into(),
+            );
         }
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
             return invalid(format!(
@@ -193,7 +213,10 @@ impl Config {
                 url.path()
             ));
         }
-        for (key, path) in [("token_path", &upstream.token_path), ("revoke_path", &upstream.revoke_path)] {
+        for (key, path) in [
+            ("token_path", &upstream.token_path),
+            ("revoke_path", &upstream.revoke_path),
+        ] {
             if !path.starts_with('/') {
                 return invalid(format!("upstream.{key} must start with '/'"));
             }
@@ -215,12 +238,18 @@ impl Config {
                 return invalid("clients.registered: client_id must not be empty".into());
             }
             if !seen.insert(id.clone()) {
-                return invalid(format!("clients.registered: client_id {id:?} is registered twice"));
+                return invalid(format!(
+                    "clients.registered: client_id {id:?} is registered twice"
+                ));
             }
             if client.default {
                 defaults.push(id.clone());
             }
-            if client.allowed_grants.as_ref().is_some_and(BTreeSet::is_empty) {
+            if client
+                .allowed_grants
+                .as_ref()
+                .is_some_and(BTreeSet::is_empty)
+            {
                 return invalid(format!(
                     "client {id:?}: allowed_grants is empty, so the client could never be used; \
                      remove the key to allow every grant"
@@ -255,7 +284,9 @@ impl Config {
             }
         }
         if defaults.len() > 1 {
-            return invalid(format!("clients.registered: more than one default client: {defaults:?}"));
+            return invalid(format!(
+                "clients.registered: more than one default client: {defaults:?}"
+            ));
         }
         Ok(())
     }
@@ -274,7 +305,10 @@ fn read_secret_file(client_id: &str, path: &Path) -> Result<SecretString, Config
             path.display()
         ))
     })?;
-    let secret = text.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&text);
+    let secret = text
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&text);
     Ok(SecretString::from(secret))
 }
 
@@ -330,10 +364,20 @@ mod tests {
         .unwrap();
         assert_eq!(config.server.shutdown_grace_period, Duration::from_secs(65));
         assert_eq!(config.upstream.request_timeout, Duration::from_millis(500));
-        let [a, b, c] = &config.clients.registered[..] else { panic!("three clients") };
-        assert_eq!(a.secret.as_ref().unwrap().expose_secret(), "from-file-secret");
+        let [a, b, c] = &config.clients.registered[..] else {
+            panic!("three clients")
+        };
         assert_eq!(
-            a.allowed_grants.as_ref().unwrap().iter().copied().collect::<Vec<_>>(),
+            a.secret.as_ref().unwrap().expose_secret(),
+            "from-file-secret"
+        );
+        assert_eq!(
+            a.allowed_grants
+                .as_ref()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
             [GrantKind::JwtBearer, GrantKind::RefreshToken]
         );
         assert_eq!(b.auth_method, AuthMethod::ClientSecretPost);
@@ -345,13 +389,19 @@ mod tests {
         assert!(!shown.contains("from-file-secret"), "{shown}");
         assert!(shown.contains("[REDACTED]"), "{shown}");
         let debug = format!("{config:?}");
-        assert!(!debug.contains("inline") && !debug.contains("from-file-secret"), "{debug}");
+        assert!(
+            !debug.contains("inline") && !debug.contains("from-file-secret"),
+            "{debug}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn rejects(toml: &str, expected: &str) {
         let error = Config::from_toml(toml).expect_err(toml).to_string();
-        assert!(error.contains(expected), "{error:?} should mention {expected:?}");
+        assert!(
+            error.contains(expected),
+            "{error:?} should mention {expected:?}"
+        );
         assert!(!error.contains('\n'), "one line: {error:?}");
     }
 
@@ -360,11 +410,17 @@ mod tests {
         rejects("[server]\nlisten = \"nope\"", "listen");
         rejects("[server]\nbogus = 1", "bogus");
         rejects("[upstream]\nrequest_timeout = \"ten\"", "request_timeout");
-        rejects("[upstream]\nbase_url = \"https://x.example/restapi\"", "no path");
+        rejects(
+            "[upstream]\nbase_url = \"https://x.example/restapi\"",
+            "no path",
+        );
         rejects("[upstream]\nbase_url = \"ftp://x.example\"", "http");
         rejects("[upstream]\ntoken_path = \"oauth\"", "token_path");
         rejects("[upstream]\nconnect_timeout = \"0s\"", "connect_timeout");
-        rejects("[[clients.registered]]\nclient_id = \"a\"", "needs client_secret");
+        rejects(
+            "[[clients.registered]]\nclient_id = \"a\"",
+            "needs client_secret",
+        );
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"\nauth_method = \"none\"\nclient_secret = \"s\"",
             "sends no secret",

@@ -37,7 +37,10 @@ pub enum Failure {
     Client(ClientError),
     /// The upstream refused or failed. `caller_credentials` is true when the caller supplied
     /// the client authentication (a `client_assertion`).
-    Upstream { error: UpstreamError, caller_credentials: bool },
+    Upstream {
+        error: UpstreamError,
+        caller_credentials: bool,
+    },
 }
 
 /// A failed call and what it was for.
@@ -60,15 +63,23 @@ fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
     match failure {
         Failure::InvalidRequest(_) => (Code::InvalidArgument, "INVALID_REQUEST", None),
         Failure::Client(ClientError::Missing) => (Code::InvalidArgument, "INVALID_REQUEST", None),
-        Failure::Client(ClientError::Unknown(_)) => (Code::PermissionDenied, "UNKNOWN_CLIENT", None),
+        Failure::Client(ClientError::Unknown(_)) => {
+            (Code::PermissionDenied, "UNKNOWN_CLIENT", None)
+        }
         Failure::Client(ClientError::GrantNotAllowed { .. }) => {
             (Code::PermissionDenied, "GRANT_NOT_ALLOWED", None)
         }
-        Failure::Upstream { error, caller_credentials } => classify_upstream(error, *caller_credentials),
+        Failure::Upstream {
+            error,
+            caller_credentials,
+        } => classify_upstream(error, *caller_credentials),
     }
 }
 
-fn classify_upstream(error: &UpstreamError, caller_credentials: bool) -> (Code, &'static str, Option<Duration>) {
+fn classify_upstream(
+    error: &UpstreamError,
+    caller_credentials: bool,
+) -> (Code, &'static str, Option<Duration>) {
     match &error.kind {
         UpstreamErrorKind::OAuth => classify_oauth(error, caller_credentials),
         UpstreamErrorKind::RateLimited => (
@@ -76,7 +87,9 @@ fn classify_upstream(error: &UpstreamError, caller_credentials: bool) -> (Code, 
             "UPSTREAM_RATE_LIMITED",
             Some(error.retry_after.unwrap_or(RATE_LIMIT_RETRY)),
         ),
-        UpstreamErrorKind::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE", error.retry_after),
+        UpstreamErrorKind::Unavailable(_) => {
+            (Code::Unavailable, "UPSTREAM_UNAVAILABLE", error.retry_after)
+        }
         UpstreamErrorKind::Timeout => (Code::Unavailable, "UPSTREAM_TIMEOUT", None),
         UpstreamErrorKind::BadResponse(_) => (Code::Unavailable, "UPSTREAM_BAD_RESPONSE", None),
         UpstreamErrorKind::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", None),
@@ -85,13 +98,22 @@ fn classify_upstream(error: &UpstreamError, caller_credentials: bool) -> (Code, 
 
 /// Maps on the OAuth `error` value, then on RingCentral's error code, and only then on the
 /// HTTP status: RingCentral answers most token errors with 400 whatever its docs list.
-fn classify_oauth(error: &UpstreamError, caller_credentials: bool) -> (Code, &'static str, Option<Duration>) {
+fn classify_oauth(
+    error: &UpstreamError,
+    caller_credentials: bool,
+) -> (Code, &'static str, Option<Duration>) {
     let oauth = error.oauth.as_ref();
     let name = oauth.and_then(|o| o.error.as_deref());
-    let name = name.or_else(|| oauth.and_then(|o| o.error_code.as_deref()).and_then(oauth_name_of_code));
+    let name = name.or_else(|| {
+        oauth
+            .and_then(|o| o.error_code.as_deref())
+            .and_then(oauth_name_of_code)
+    });
     match name {
         Some("invalid_request") => (Code::InvalidArgument, "INVALID_REQUEST", None),
-        Some("invalid_client") if caller_credentials => (Code::Unauthenticated, "INVALID_CLIENT", None),
+        Some("invalid_client") if caller_credentials => {
+            (Code::Unauthenticated, "INVALID_CLIENT", None)
+        }
         Some("invalid_client") => (Code::FailedPrecondition, "INVALID_CLIENT", None),
         Some("invalid_grant") => (Code::Unauthenticated, "INVALID_GRANT", None),
         Some("unauthorized_client") => (Code::PermissionDenied, "UNAUTHORIZED_CLIENT", None),
@@ -124,7 +146,9 @@ fn classify_oauth(error: &UpstreamError, caller_credentials: bool) -> (Code, &'s
 /// `errors[].errorCode` (DOCS `errors.md`).
 fn oauth_name_of_code(code: &str) -> Option<&'static str> {
     Some(match code {
-        "OAU-120" | "OAU-121" | "OAU-123" | "OAU-127" | "OAU-134" | "OAU-146" | "OAU-151" => "invalid_client",
+        "OAU-120" | "OAU-121" | "OAU-123" | "OAU-127" | "OAU-134" | "OAU-146" | "OAU-151" => {
+            "invalid_client"
+        }
         "OAU-106" | "OAU-108" | "OAU-110" | "OAU-140" => "invalid_grant",
         "OAU-112" | "OAU-125" | "OAU-251" => "unauthorized_client",
         _ => return None,
@@ -141,8 +165,10 @@ fn cap(text: &str) -> String {
 fn message(error: &CallError) -> String {
     match &error.failure {
         Failure::InvalidRequest(violations) => {
-            let fields: Vec<String> =
-                violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
+            let fields: Vec<String> = violations
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect();
             format!("invalid request: {}", fields.join("; "))
         }
         Failure::Client(client) => client.to_string(),
@@ -151,8 +177,15 @@ fn message(error: &CallError) -> String {
 }
 
 fn upstream_message(error: &UpstreamError) -> String {
-    let status = error.http_status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
-    let said = error.oauth.as_ref().map(oauth_summary).unwrap_or_default();
+    let status = error
+        .http_status
+        .map(|s| format!(" (HTTP {s})"))
+        .unwrap_or_default();
+    let said = error
+        .oauth
+        .as_deref()
+        .map(oauth_summary)
+        .unwrap_or_default();
     match &error.kind {
         UpstreamErrorKind::OAuth => format!("upstream refused the request{status}{said}"),
         UpstreamErrorKind::RateLimited => format!("upstream rate limit reached{status}{said}"),
@@ -160,9 +193,13 @@ fn upstream_message(error: &UpstreamError) -> String {
             format!("upstream failed{status}{said}")
         }
         UpstreamErrorKind::Unavailable(_) => "upstream could not be reached".to_owned(),
-        UpstreamErrorKind::Timeout => "upstream did not answer within upstream.request_timeout".to_owned(),
+        UpstreamErrorKind::Timeout => {
+            "upstream did not answer within upstream.request_timeout".to_owned()
+        }
         UpstreamErrorKind::BadResponse(what) => format!("upstream sent {what}{status}"),
-        UpstreamErrorKind::DeadlineExceeded => "the call's deadline passed before the upstream answered".to_owned(),
+        UpstreamErrorKind::DeadlineExceeded => {
+            "the call's deadline passed before the upstream answered".to_owned()
+        }
     }
 }
 
@@ -171,7 +208,11 @@ fn oauth_summary(oauth: &OAuthError) -> String {
         .into_iter()
         .filter_map(|p| p.as_deref())
         .collect();
-    if parts.is_empty() { String::new() } else { cap(&format!(": {}", parts.join(" "))) }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        cap(&format!(": {}", parts.join(" ")))
+    }
 }
 
 fn metadata(error: &CallError) -> HashMap<String, String> {
@@ -216,12 +257,17 @@ impl From<CallError> for Status {
             details.set_retry_info(retry);
         }
         if let Failure::InvalidRequest(violations) = &error.failure {
-            let violations: Vec<FieldViolation> =
-                violations.iter().map(|v| FieldViolation::new(&v.field, &v.description)).collect();
+            let violations: Vec<FieldViolation> = violations
+                .iter()
+                .map(|v| FieldViolation::new(&v.field, &v.description))
+                .collect();
             details.set_bad_request(violations);
         }
         if let Failure::Client(ClientError::Missing) = &error.failure {
-            details.add_bad_request_violation("client_id", "is required: no default client is registered");
+            details.add_bad_request_violation(
+                "client_id",
+                "is required: no default client is registered",
+            );
         }
         Status::with_error_details(code, message(&error), details)
     }

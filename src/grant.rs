@@ -78,7 +78,10 @@ pub struct Violation {
 
 impl Violation {
     fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self { field: field.into(), description: description.into() }
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -93,17 +96,29 @@ pub struct FormField<'a> {
 
 impl<'a> FormField<'a> {
     pub fn plain(name: &'static str, value: impl Into<Cow<'a, str>>) -> Self {
-        Self { name, value: value.into(), secret: false }
+        Self {
+            name,
+            value: value.into(),
+            secret: false,
+        }
     }
 
     pub fn secret(name: &'static str, value: &'a SecretString) -> Self {
-        Self { name, value: Cow::Borrowed(value.expose_secret()), secret: true }
+        Self {
+            name,
+            value: Cow::Borrowed(value.expose_secret()),
+            secret: true,
+        }
     }
 }
 
 impl fmt::Debug for FormField<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let value: &dyn fmt::Debug = if self.secret { &"[REDACTED]" } else { &self.value };
+        let value: &dyn fmt::Debug = if self.secret {
+            &"[REDACTED]"
+        } else {
+            &self.value
+        };
         f.debug_tuple(self.name).field(value).finish()
     }
 }
@@ -111,8 +126,13 @@ impl fmt::Debug for FormField<'_> {
 /// The subject of a client credentials grant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
-    Account { account_id: String },
-    Brand { brand_id: String, partner_account_id: Option<String> },
+    Account {
+        account_id: String,
+    },
+    Brand {
+        brand_id: String,
+        partner_account_id: Option<String>,
+    },
 }
 
 /// A grant whose required fields are present. Credentials stay wrapped until encoded.
@@ -129,15 +149,35 @@ pub enum Grant {
         extension: Option<String>,
         pin: Option<SecretString>,
     },
-    JwtBearer { assertion: SecretString },
-    PartnerJwt { assertion: SecretString },
-    RefreshToken { refresh_token: SecretString },
-    IvrPin { ivr_pin: SecretString },
-    DeviceCode { device_code: SecretString },
-    ClientCredentials { subject: Option<Subject> },
-    Otp { code: SecretString },
-    Guest { brand_id: Option<String>, resource_type: Option<String>, resource: Option<String> },
-    PersonalJwt { assertion: Option<SecretString> },
+    JwtBearer {
+        assertion: SecretString,
+    },
+    PartnerJwt {
+        assertion: SecretString,
+    },
+    RefreshToken {
+        refresh_token: SecretString,
+    },
+    IvrPin {
+        ivr_pin: SecretString,
+    },
+    DeviceCode {
+        device_code: SecretString,
+    },
+    ClientCredentials {
+        subject: Option<Subject>,
+    },
+    Otp {
+        code: SecretString,
+    },
+    Guest {
+        brand_id: Option<String>,
+        resource_type: Option<String>,
+        resource: Option<String>,
+    },
+    PersonalJwt {
+        assertion: Option<SecretString>,
+    },
     DeviceCertificate,
 }
 
@@ -163,12 +203,21 @@ impl Grant {
     fn push_fields<'a>(&'a self, out: &mut Vec<FormField<'a>>) {
         out.push(FormField::plain("grant_type", self.kind().grant_type()));
         match self {
-            Self::AuthorizationCode { code, redirect_uri, code_verifier } => {
+            Self::AuthorizationCode {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => {
                 out.push(FormField::secret("code", code));
                 push_plain(out, "redirect_uri", redirect_uri);
                 push_secret(out, "code_verifier", code_verifier);
             }
-            Self::Password { username, password, extension, pin } => {
+            Self::Password {
+                username,
+                password,
+                extension,
+                pin,
+            } => {
                 out.push(FormField::plain("username", username.as_str()));
                 out.push(FormField::secret("password", password));
                 push_plain(out, "extension", extension);
@@ -189,13 +238,20 @@ impl Grant {
                 Some(Subject::Account { account_id }) => {
                     out.push(FormField::plain("account_id", account_id.as_str()));
                 }
-                Some(Subject::Brand { brand_id, partner_account_id }) => {
+                Some(Subject::Brand {
+                    brand_id,
+                    partner_account_id,
+                }) => {
                     out.push(FormField::plain("brand_id", brand_id.as_str()));
                     push_plain(out, "partner_account_id", partner_account_id);
                 }
             },
             Self::Otp { code } => out.push(FormField::secret("code", code)),
-            Self::Guest { brand_id, resource_type, resource } => {
+            Self::Guest {
+                brand_id,
+                resource_type,
+                resource,
+            } => {
                 push_plain(out, "brand_id", brand_id);
                 push_plain(out, "resource_type", resource_type);
                 push_plain(out, "resource", resource);
@@ -212,7 +268,11 @@ fn push_plain<'a>(out: &mut Vec<FormField<'a>>, name: &'static str, value: &'a O
     }
 }
 
-fn push_secret<'a>(out: &mut Vec<FormField<'a>>, name: &'static str, value: &'a Option<SecretString>) {
+fn push_secret<'a>(
+    out: &mut Vec<FormField<'a>>,
+    name: &'static str,
+    value: &'a Option<SecretString>,
+) {
     if let Some(value) = value {
         out.push(FormField::secret(name, value));
     }
@@ -283,7 +343,11 @@ impl Checker {
     }
 
     fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<Violation>> {
-        if self.violations.is_empty() { Ok(value()) } else { Err(self.violations) }
+        if self.violations.is_empty() {
+            Ok(value())
+        } else {
+            Err(self.violations)
+        }
     }
 
     fn ttl(&mut self, field: &str, ttl: Option<prost_types::Duration>) -> Option<u64> {
@@ -291,8 +355,10 @@ impl Checker {
         match u64::try_from(ttl.seconds) {
             Ok(seconds) if seconds > 0 && ttl.nanos == 0 => Some(seconds),
             _ => {
-                self.violations
-                    .push(Violation::new(field, "must be a positive whole number of seconds"));
+                self.violations.push(Violation::new(
+                    field,
+                    "must be a positive whole number of seconds",
+                ));
                 None
             }
         }
@@ -344,7 +410,9 @@ impl TryFrom<proto::GetTokenRequest> for TokenRequest {
         };
         for (i, scope) in scopes.iter().enumerate() {
             if scope.is_empty() {
-                check.violations.push(Violation::new(format!("scopes[{i}]"), "must not be empty"));
+                check
+                    .violations
+                    .push(Violation::new(format!("scopes[{i}]"), "must not be empty"));
             } else if scope.chars().any(char::is_whitespace) {
                 check.violations.push(Violation::new(
                     format!("scopes[{i}]"),
@@ -367,7 +435,10 @@ impl TryFrom<proto::GetTokenRequest> for TokenRequest {
     }
 }
 
-#[allow(deprecated, reason = "the deprecated password fields are still sent when set")]
+#[allow(
+    deprecated,
+    reason = "the deprecated password fields are still sent when set"
+)]
 fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
     match grant {
         ProtoGrant::AuthorizationCode(proto::AuthorizationCodeGrant {
@@ -379,14 +450,17 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
             redirect_uri: optional(redirect_uri),
             code_verifier: optional_secret(code_verifier),
         },
-        ProtoGrant::Password(proto::PasswordGrant { username, password, extension, pin }) => {
-            Grant::Password {
-                username: check.required("password.username", username),
-                password: check.required_secret("password.password", password),
-                extension: optional(extension),
-                pin: optional_secret(pin),
-            }
-        }
+        ProtoGrant::Password(proto::PasswordGrant {
+            username,
+            password,
+            extension,
+            pin,
+        }) => Grant::Password {
+            username: check.required("password.username", username),
+            password: check.required_secret("password.password", password),
+            extension: optional(extension),
+            pin: optional_secret(pin),
+        },
         ProtoGrant::JwtBearer(proto::JwtBearerGrant { assertion }) => Grant::JwtBearer {
             assertion: check.required_secret("jwt_bearer.assertion", assertion),
         },
@@ -398,9 +472,9 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
                 refresh_token: check.required_secret("refresh_token.refresh_token", refresh_token),
             }
         }
-        ProtoGrant::IvrPin(proto::IvrPinGrant { ivr_pin }) => {
-            Grant::IvrPin { ivr_pin: check.required_secret("ivr_pin.ivr_pin", ivr_pin) }
-        }
+        ProtoGrant::IvrPin(proto::IvrPinGrant { ivr_pin }) => Grant::IvrPin {
+            ivr_pin: check.required_secret("ivr_pin.ivr_pin", ivr_pin),
+        },
         ProtoGrant::DeviceCode(proto::DeviceCodeGrant { device_code }) => Grant::DeviceCode {
             device_code: check.required_secret("device_code.device_code", device_code),
         },
@@ -410,28 +484,31 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
                 ProtoSubject::AccountId(account_id) => Subject::Account {
                     account_id: check.required("client_credentials.account_id", account_id),
                 },
-                ProtoSubject::Brand(proto::BrandSubject { brand_id, partner_account_id }) => {
-                    Subject::Brand {
-                        brand_id: check.required("client_credentials.brand.brand_id", brand_id),
-                        partner_account_id: optional(partner_account_id),
-                    }
-                }
+                ProtoSubject::Brand(proto::BrandSubject {
+                    brand_id,
+                    partner_account_id,
+                }) => Subject::Brand {
+                    brand_id: check.required("client_credentials.brand.brand_id", brand_id),
+                    partner_account_id: optional(partner_account_id),
+                },
             });
             Grant::ClientCredentials { subject }
         }
-        ProtoGrant::Otp(proto::OtpGrant { code }) => {
-            Grant::Otp { code: check.required_secret("otp.code", code) }
-        }
-        ProtoGrant::Guest(proto::GuestGrant { brand_id, resource_type, resource }) => {
-            Grant::Guest {
-                brand_id: optional(brand_id),
-                resource_type: optional(resource_type),
-                resource: optional(resource),
-            }
-        }
-        ProtoGrant::PersonalJwt(proto::PersonalJwtGrant { assertion }) => {
-            Grant::PersonalJwt { assertion: optional_secret(assertion) }
-        }
+        ProtoGrant::Otp(proto::OtpGrant { code }) => Grant::Otp {
+            code: check.required_secret("otp.code", code),
+        },
+        ProtoGrant::Guest(proto::GuestGrant {
+            brand_id,
+            resource_type,
+            resource,
+        }) => Grant::Guest {
+            brand_id: optional(brand_id),
+            resource_type: optional(resource_type),
+            resource: optional(resource),
+        },
+        ProtoGrant::PersonalJwt(proto::PersonalJwtGrant { assertion }) => Grant::PersonalJwt {
+            assertion: optional_secret(assertion),
+        },
         ProtoGrant::DeviceCertificate(proto::DeviceCertificateGrant {}) => Grant::DeviceCertificate,
     }
 }
@@ -440,11 +517,19 @@ impl TryFrom<proto::RevokeTokenRequest> for RevokeRequest {
     type Error = Vec<Violation>;
 
     fn try_from(request: proto::RevokeTokenRequest) -> Result<Self, Self::Error> {
-        let proto::RevokeTokenRequest { token, client_id, client_assertion } = request;
+        let proto::RevokeTokenRequest {
+            token,
+            client_id,
+            client_assertion,
+        } = request;
         let mut check = Checker::default();
         let token = check.required_secret("token", token);
         let client_assertion = check.client_assertion("client_assertion", client_assertion);
-        check.finish(|| Self { token, client_id: optional(client_id), client_assertion })
+        check.finish(|| Self {
+            token,
+            client_id: optional(client_id),
+            client_assertion,
+        })
     }
 }
 

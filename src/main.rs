@@ -19,7 +19,13 @@ const EXIT_BAD_CONFIG: u8 = 64;
 #[command(version, about = "gRPC front for OAuth 2.0 token endpoints")]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, env = "TOKENGATE_LOG_FORMAT", default_value_t)]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TOKENGATE_LOG_FORMAT",
+        default_value_t
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -77,9 +83,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::HealthCheck { addr, service, timeout } => {
-            runtime().block_on(health_check(addr, service, timeout))
-        }
+        Command::HealthCheck {
+            addr,
+            service,
+            timeout,
+        } => runtime().block_on(health_check(addr, service, timeout)),
     }
 }
 
@@ -98,13 +106,19 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match app.run_until_stopped(tokengate::startup::shutdown_signal()).await {
+    match app
+        .run_until_stopped(tokengate::startup::shutdown_signal())
+        .await
+    {
         Ok(Drain::Complete | Drain::NotStarted) => {
             tracing::info!(drained = true, "stopped; every in-flight call finished");
             ExitCode::SUCCESS
         }
         Ok(Drain::TimedOut) => {
-            tracing::warn!(drained = false, "stopped; the grace period ran out with calls still in flight");
+            tracing::warn!(
+                drained = false,
+                "stopped; the grace period ran out with calls still in flight"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -122,7 +136,9 @@ async fn health_check(addr: String, service: String, timeout: Duration) -> ExitC
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let response = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: service.clone() })
+            .check(HealthCheckRequest {
+                service: service.clone(),
+            })
             .await
             .map_err(|s| format!("health check failed: {} {}", s.code(), s.message()))?;
         Ok::<_, String>(response.into_inner().status())
@@ -141,7 +157,10 @@ async fn health_check(addr: String, service: String, timeout: Duration) -> ExitC
             ExitCode::FAILURE
         }
         Err(_) => {
-            eprintln!("tokengate: no health answer from {addr} within {}", humantime::format_duration(timeout));
+            eprintln!(
+                "tokengate: no health answer from {addr} within {}",
+                humantime::format_duration(timeout)
+            );
             ExitCode::FAILURE
         }
     }

@@ -22,7 +22,11 @@ struct Redacted<'a>(&'a str);
 
 impl fmt::Debug for Redacted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "[REDACTED]" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "[REDACTED]"
+        })
     }
 }
 
@@ -72,7 +76,9 @@ mod tests {
                 extension: "101".into(),
                 pin: "9876-pin".into(),
             })),
-            client_assertion: Some(ClientAssertion { assertion: "eyJ-client-assertion".into() }),
+            client_assertion: Some(ClientAssertion {
+                assertion: "eyJ-client-assertion".into(),
+            }),
             ..Default::default()
         };
         let shown = format!("{request:?}");

@@ -34,10 +34,16 @@ struct Inner {
 
 impl TokenGate {
     pub fn new(clients: Clients, upstream: Upstream) -> Self {
-        Self { inner: Arc::new(Inner { clients, upstream }) }
+        Self {
+            inner: Arc::new(Inner { clients, upstream }),
+        }
     }
 
-    async fn get_token(&self, request: proto::GetTokenRequest, deadline: Option<Instant>) -> Result<Token, CallError> {
+    async fn get_token(
+        &self,
+        request: proto::GetTokenRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Token, CallError> {
         let span = tracing::Span::current();
         let grant_kind = request.grant.as_ref().map(grant_kind_of);
         if let Some(kind) = grant_kind {
@@ -49,28 +55,49 @@ impl TokenGate {
             client_id: client_id.map(str::to_owned),
         };
         let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
-        let request = TokenRequest::try_from(request)
-            .map_err(|violations| fail(Failure::InvalidRequest(violations), request_client_id.as_deref()))?;
+        let request = TokenRequest::try_from(request).map_err(|violations| {
+            fail(
+                Failure::InvalidRequest(violations),
+                request_client_id.as_deref(),
+            )
+        })?;
         let kind = request.grant.kind();
         let auth = self
             .inner
             .clients
-            .resolve(request.client_id.as_deref(), request.client_assertion.as_ref(), Some(kind))
+            .resolve(
+                request.client_id.as_deref(),
+                request.client_assertion.as_ref(),
+                Some(kind),
+            )
             .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
         if let Some(client_id) = auth.client_id() {
             span.record("client_id", client_id);
         }
         let mut fields = request.form_fields();
         auth.push_fields(&mut fields);
-        let outgoing = Outgoing { fields, basic: auth.basic() };
+        let outgoing = Outgoing {
+            fields,
+            basic: auth.basic(),
+        };
         let result = self.inner.upstream.token(&outgoing, deadline).await;
         record_upstream(&span, result.as_ref().err());
         result.map_err(|error| {
-            fail(Failure::Upstream { error, caller_credentials: auth.from_caller() }, auth.client_id())
+            fail(
+                Failure::Upstream {
+                    error,
+                    caller_credentials: auth.from_caller(),
+                },
+                auth.client_id(),
+            )
         })
     }
 
-    async fn revoke(&self, request: proto::RevokeTokenRequest, deadline: Option<Instant>) -> Result<(), CallError> {
+    async fn revoke(
+        &self,
+        request: proto::RevokeTokenRequest,
+        deadline: Option<Instant>,
+    ) -> Result<(), CallError> {
         let span = tracing::Span::current();
         let fail = |failure, client_id: Option<&str>| CallError {
             failure,
@@ -78,23 +105,40 @@ impl TokenGate {
             client_id: client_id.map(str::to_owned),
         };
         let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
-        let request = RevokeRequest::try_from(request)
-            .map_err(|violations| fail(Failure::InvalidRequest(violations), request_client_id.as_deref()))?;
+        let request = RevokeRequest::try_from(request).map_err(|violations| {
+            fail(
+                Failure::InvalidRequest(violations),
+                request_client_id.as_deref(),
+            )
+        })?;
         let auth = self
             .inner
             .clients
-            .resolve(request.client_id.as_deref(), request.client_assertion.as_ref(), None)
+            .resolve(
+                request.client_id.as_deref(),
+                request.client_assertion.as_ref(),
+                None,
+            )
             .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
         if let Some(client_id) = auth.client_id() {
             span.record("client_id", client_id);
         }
         let mut fields = request.form_fields();
         auth.push_fields(&mut fields);
-        let outgoing = Outgoing { fields, basic: auth.basic() };
+        let outgoing = Outgoing {
+            fields,
+            basic: auth.basic(),
+        };
         let result = self.inner.upstream.revoke(&outgoing, deadline).await;
         record_upstream(&span, result.as_ref().err());
         result.map_err(|error| {
-            fail(Failure::Upstream { error, caller_credentials: auth.from_caller() }, auth.client_id())
+            fail(
+                Failure::Upstream {
+                    error,
+                    caller_credentials: auth.from_caller(),
+                },
+                auth.client_id(),
+            )
         })
     }
 }
@@ -120,7 +164,10 @@ fn grant_kind_of(grant: &proto::get_token_request::Grant) -> GrantKind {
 fn record_upstream(span: &tracing::Span, error: Option<&UpstreamError>) {
     match error {
         None => span.record("upstream_status", 200_u16),
-        Some(UpstreamError { http_status: Some(status), .. }) => span.record("upstream_status", *status),
+        Some(UpstreamError {
+            http_status: Some(status),
+            ..
+        }) => span.record("upstream_status", *status),
         Some(_) => span.record("upstream_status", "none"),
     };
 }
@@ -150,7 +197,10 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 fn duration(seconds: Option<u64>) -> Option<prost_types::Duration> {
-    seconds.map(|s| prost_types::Duration { seconds: i64::try_from(s).unwrap_or(i64::MAX), nanos: 0 })
+    seconds.map(|s| prost_types::Duration {
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
 }
 
 fn instant_after(start: SystemTime, seconds: Option<u64>) -> Option<prost_types::Timestamp> {
@@ -159,7 +209,9 @@ fn instant_after(start: SystemTime, seconds: Option<u64>) -> Option<prost_types:
 }
 
 fn expose(secret: Option<SecretString>) -> String {
-    secret.map(|s| s.expose_secret().to_owned()).unwrap_or_default()
+    secret
+        .map(|s| s.expose_secret().to_owned())
+        .unwrap_or_default()
 }
 
 impl From<Token> for proto::GetTokenResponse {
@@ -167,7 +219,10 @@ impl From<Token> for proto::GetTokenResponse {
         let session_expiration_time = token.session_expiration_time.as_deref().and_then(|text| {
             let parsed = text.parse::<prost_types::Timestamp>();
             if parsed.is_err() {
-                tracing::warn!(value = text, "upstream session_expiration_time is not RFC 3339; left unset");
+                tracing::warn!(
+                    value = text,
+                    "upstream session_expiration_time is not RFC 3339; left unset"
+                );
             }
             parsed.ok()
         });
@@ -178,8 +233,16 @@ impl From<Token> for proto::GetTokenResponse {
             expires_at: instant_after(token.received_at, token.expires_in),
             refresh_token: expose(token.refresh_token),
             refresh_token_expires_in: duration(token.refresh_token_expires_in),
-            refresh_token_expires_at: instant_after(token.received_at, token.refresh_token_expires_in),
-            scopes: token.scope.unwrap_or_default().split_whitespace().map(str::to_owned).collect(),
+            refresh_token_expires_at: instant_after(
+                token.received_at,
+                token.refresh_token_expires_in,
+            ),
+            scopes: token
+                .scope
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
             owner_id: token.owner_id.unwrap_or_default(),
             endpoint_id: token.endpoint_id.unwrap_or_default(),
             session_id: token.session_id.unwrap_or_default(),
@@ -223,9 +286,13 @@ impl TokenService for TokenGate {
             upstream_status = field::Empty,
             latency_ms = field::Empty,
         );
-        let result = TokenGate::get_token(self, request.into_inner(), deadline).instrument(span.clone()).await;
+        let result = TokenGate::get_token(self, request.into_inner(), deadline)
+            .instrument(span.clone())
+            .await;
         finish(&span, started, &result);
-        result.map(|token| Response::new(token.into())).map_err(Status::from)
+        result
+            .map(|token| Response::new(token.into()))
+            .map_err(Status::from)
     }
 
     async fn revoke_token(
@@ -240,9 +307,14 @@ impl TokenService for TokenGate {
             upstream_status = field::Empty,
             latency_ms = field::Empty,
         );
-        let result = self.revoke(request.into_inner(), deadline).instrument(span.clone()).await;
+        let result = self
+            .revoke(request.into_inner(), deadline)
+            .instrument(span.clone())
+            .await;
         finish(&span, started, &result);
-        result.map(|()| Response::new(proto::RevokeTokenResponse {})).map_err(Status::from)
+        result
+            .map(|()| Response::new(proto::RevokeTokenResponse {}))
+            .map_err(Status::from)
     }
 }
 
@@ -255,7 +327,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         assert_eq!(parse_grpc_timeout("123456789S"), None, "more than 8 digits");
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);

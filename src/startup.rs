@@ -24,7 +24,10 @@ pub const SERVICE_NAME: &str = "tokengate.v1.TokenService";
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Setup(String),
     #[error("server failed: {0}")]
@@ -54,11 +57,20 @@ impl Application {
     /// Binds the listener (port 0 picks a free port) and builds the service.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let addr = config.server.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
         let clients = Clients::new(&config.clients).map_err(StartupError::Setup)?;
         let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
-        Ok(Self { listener, addr, grace: config.server.shutdown_grace_period, service: TokenGate::new(clients, upstream) })
+        Ok(Self {
+            listener,
+            addr,
+            grace: config.server.shutdown_grace_period,
+            service: TokenGate::new(clients, upstream),
+        })
     }
 
     /// The address actually bound.
@@ -68,9 +80,14 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then flips health to NOT_SERVING, stops accepting
     /// and drains in-flight calls for at most the grace period.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<Drain, StartupError> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Drain, StartupError> {
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter.set_serving::<TokenServiceServer<TokenGate>>().await;
+        reporter
+            .set_serving::<TokenServiceServer<TokenGate>>()
+            .await;
         let reflection = |builder: tonic_reflection::server::Builder<'static>| {
             builder
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)

@@ -31,6 +31,10 @@ pub fn init(format: LogFormat) {
     // A second init (tests that build several apps) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(false).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(false)
+            .with_current_span(true)
+            .try_init(),
     };
 }

@@ -31,13 +31,21 @@ pub struct Outgoing<'a> {
 impl Outgoing<'_> {
     /// The `application/x-www-form-urlencoded` body.
     pub fn body(&self) -> String {
-        let pairs: Vec<(&str, &str)> = self.fields.iter().map(|f| (f.name, f.value.as_ref())).collect();
+        let pairs: Vec<(&str, &str)> = self
+            .fields
+            .iter()
+            .map(|f| (f.name, f.value.as_ref()))
+            .collect();
         serde_urlencoded::to_string(pairs).expect("a sequence of string pairs always encodes")
     }
 
     /// Every secret value this request carries, to scrub from what the upstream echoes.
     fn secrets(&self) -> impl Iterator<Item = &str> {
-        let fields = self.fields.iter().filter(|f| f.secret).map(|f| f.value.as_ref());
+        let fields = self
+            .fields
+            .iter()
+            .filter(|f| f.secret)
+            .map(|f| f.value.as_ref());
         fields.chain(self.basic.map(|(_, secret)| secret.expose_secret()))
     }
 }
@@ -96,7 +104,11 @@ fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D:
     }
     match Seconds::deserialize(deserializer)? {
         Seconds::Number(n) => Ok(Some(n)),
-        Seconds::Text(text) => text.trim().parse().map(Some).map_err(serde::de::Error::custom),
+        Seconds::Text(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(serde::de::Error::custom),
         Seconds::Null(()) => Ok(None),
     }
 }
@@ -119,7 +131,8 @@ pub struct UpstreamError {
     /// RingCentral's `RCRequestId` header.
     pub request_id: Option<String>,
     pub retry_after: Option<Duration>,
-    pub oauth: Option<OAuthError>,
+    /// Boxed: most failures carry none, and it keeps `Result`s small.
+    pub oauth: Option<Box<OAuthError>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -140,7 +153,13 @@ pub enum UpstreamErrorKind {
 
 impl UpstreamError {
     fn new(kind: UpstreamErrorKind) -> Self {
-        Self { kind, http_status: None, request_id: None, retry_after: None, oauth: None }
+        Self {
+            kind,
+            http_status: None,
+            request_id: None,
+            retry_after: None,
+            oauth: None,
+        }
     }
 }
 
@@ -160,7 +179,7 @@ impl Reply {
             http_status: Some(self.status.as_u16()),
             request_id: self.request_id.clone(),
             retry_after: self.retry_after,
-            oauth,
+            oauth: oauth.map(Box::new),
         }
     }
 }
@@ -168,7 +187,10 @@ impl Reply {
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
         let base = Url::parse(&config.base_url).map_err(|e| format!("upstream.base_url: {e}"))?;
-        let join = |path: &str| base.join(path).map_err(|e| format!("upstream path {path:?}: {e}"));
+        let join = |path: &str| {
+            base.join(path)
+                .map_err(|e| format!("upstream path {path:?}: {e}"))
+        };
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
@@ -195,13 +217,21 @@ impl Upstream {
     }
 
     /// Exchanges a grant for a token.
-    pub async fn token(&self, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<Token, UpstreamError> {
+    pub async fn token(
+        &self,
+        request: &Outgoing<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Token, UpstreamError> {
         let reply = self.post(&self.token_url, request, deadline).await?;
         decode_token(&reply, request)
     }
 
     /// Revokes a token; any 2xx is success.
-    pub async fn revoke(&self, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<(), UpstreamError> {
+    pub async fn revoke(
+        &self,
+        request: &Outgoing<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<(), UpstreamError> {
         let reply = self.post(&self.revoke_url, request, deadline).await?;
         if reply.status.is_success() {
             return Ok(());
@@ -210,7 +240,12 @@ impl Upstream {
     }
 
     /// Sends the form and reads the reply, bounded by min(caller's deadline, request_timeout).
-    async fn post(&self, url: &Url, request: &Outgoing<'_>, deadline: Option<Instant>) -> Result<Reply, UpstreamError> {
+    async fn post(
+        &self,
+        url: &Url,
+        request: &Outgoing<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, UpstreamError> {
         let own_deadline = Instant::now() + self.request_timeout;
         let (until, callers) = match deadline {
             Some(caller) if caller < own_deadline => (caller, true),
@@ -226,7 +261,9 @@ impl Upstream {
         }
         match tokio::time::timeout_at(until, send(builder)).await {
             Ok(result) => result,
-            Err(_elapsed) if callers => Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded)),
+            Err(_elapsed) if callers => {
+                Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))
+            }
             Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
         }
     }
@@ -245,9 +282,14 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
     let too_big = |status: StatusCode, request_id: Option<String>| UpstreamError {
         request_id,
         http_status: Some(status.as_u16()),
-        ..UpstreamError::new(UpstreamErrorKind::BadResponse("the response body is larger than 1 MiB"))
+        ..UpstreamError::new(UpstreamErrorKind::BadResponse(
+            "the response body is larger than 1 MiB",
+        ))
     };
-    if response.content_length().is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+    {
         return Err(too_big(status, request_id));
     }
     let mut body = Vec::with_capacity(response.content_length().map_or(1024, |len| len as usize));
@@ -258,10 +300,21 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
             }
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             Ok(None) => break,
-            Err(e) => return Err(UpstreamError { request_id, ..unavailable(Some(status), &e) }),
+            Err(e) => {
+                return Err(UpstreamError {
+                    request_id,
+                    ..unavailable(Some(status), &e)
+                });
+            }
         }
     }
-    Ok(Reply { status, request_id, retry_after, body, received_at })
+    Ok(Reply {
+        status,
+        request_id,
+        retry_after,
+        body,
+        received_at,
+    })
 }
 
 fn unavailable(status: Option<StatusCode>, error: &reqwest::Error) -> UpstreamError {
@@ -287,7 +340,10 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(text).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, UpstreamError> {
@@ -295,15 +351,29 @@ fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, Upstream
         return Err(decode_failure(reply, request));
     }
     match serde_json::from_slice::<Token>(&reply.body) {
-        Ok(token) if token.access_token.as_ref().is_some_and(|t| !t.expose_secret().is_empty()) => {
-            Ok(Token { received_at: reply.received_at, ..token })
+        Ok(token)
+            if token
+                .access_token
+                .as_ref()
+                .is_some_and(|t| !t.expose_secret().is_empty()) =>
+        {
+            Ok(Token {
+                received_at: reply.received_at,
+                ..token
+            })
         }
         // Some servers answer 200 with an OAuth error body.
         Ok(_) => Err(match oauth_error(&reply.body, request) {
             Some(oauth) => reply.error(UpstreamErrorKind::OAuth, Some(oauth)),
-            None => reply.error(UpstreamErrorKind::BadResponse("a 2xx response without access_token"), None),
+            None => reply.error(
+                UpstreamErrorKind::BadResponse("a 2xx response without access_token"),
+                None,
+            ),
         }),
-        Err(_) => Err(reply.error(UpstreamErrorKind::BadResponse("a 2xx response that is not a JSON token"), None)),
+        Err(_) => Err(reply.error(
+            UpstreamErrorKind::BadResponse("a 2xx response that is not a JSON token"),
+            None,
+        )),
     }
 }
 
@@ -319,7 +389,10 @@ fn decode_failure(reply: &Reply, request: &Outgoing<'_>) -> UpstreamError {
     } else if oauth.is_some() {
         reply.error(UpstreamErrorKind::OAuth, oauth)
     } else {
-        reply.error(UpstreamErrorKind::BadResponse("an error status without an OAuth error body"), None)
+        reply.error(
+            UpstreamErrorKind::BadResponse("an error status without an OAuth error body"),
+            None,
+        )
     }
 }
 
@@ -351,9 +424,15 @@ fn oauth_error(body: &[u8], request: &Outgoing<'_>) -> Option<OAuthError> {
     if error.is_none() && error_code.is_none() {
         return None;
     }
-    let description = nonempty(body.error_description).or(nonempty(first_message)).or(nonempty(body.message));
+    let description = nonempty(body.error_description)
+        .or(nonempty(first_message))
+        .or(nonempty(body.message));
     let scrub = |text: Option<String>| text.map(|t| scrub(t, request.secrets()));
-    Some(OAuthError { error: scrub(error), description: scrub(description), error_code: scrub(error_code) })
+    Some(OAuthError {
+        error: scrub(error),
+        description: scrub(description),
+        error_code: scrub(error_code),
+    })
 }
 
 /// Replaces every occurrence of a secret we sent with `[REDACTED]`.
@@ -382,29 +461,52 @@ mod tests {
 
     #[test]
     fn retry_after_takes_seconds_and_http_dates() {
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("42")), Some(Duration::from_secs(42)));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("42")),
+            Some(Duration::from_secs(42))
+        );
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         let parsed = parse_retry_after(&HeaderValue::from_str(&later).unwrap()).unwrap();
-        assert!(parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120), "{parsed:?}");
+        assert!(
+            parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120),
+            "{parsed:?}"
+        );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
     }
 
     #[test]
     fn echoed_secrets_are_scrubbed_from_oauth_errors() {
         let secret = SecretString::from("pa55-word");
-        let request = Outgoing { fields: vec![FormField::secret("password", &secret)], basic: None };
+        let request = Outgoing {
+            fields: vec![FormField::secret("password", &secret)],
+            basic: None,
+        };
         let body = r#"{"error":"invalid_grant","error_description":"password pa55-word is wrong"}"#;
         let error = decode_failure(&reply(400, body), &request);
         assert_eq!(error.kind, UpstreamErrorKind::OAuth);
-        assert_eq!(error.oauth.unwrap().description.unwrap(), "password [REDACTED] is wrong");
+        assert_eq!(
+            error.oauth.unwrap().description.as_deref(),
+            Some("password [REDACTED] is wrong")
+        );
     }
 
     #[test]
     fn numeric_strings_are_accepted_as_seconds() {
-        let request = Outgoing { fields: vec![], basic: None };
-        let token = decode_token(&reply(200, r#"{"access_token":"a","expires_in":"3600","x":[1]}"#), &request).unwrap();
+        let request = Outgoing {
+            fields: vec![],
+            basic: None,
+        };
+        let token = decode_token(
+            &reply(200, r#"{"access_token":"a","expires_in":"3600","x":[1]}"#),
+            &request,
+        )
+        .unwrap();
         assert_eq!(token.expires_in, Some(3600));
-        let error = decode_token(&reply(200, r#"{"access_token":"a","expires_in":"soon"}"#), &request).unwrap_err();
+        let error = decode_token(
+            &reply(200, r#"{"access_token":"a","expires_in":"soon"}"#),
+            &request,
+        )
+        .unwrap_err();
         assert!(matches!(error.kind, UpstreamErrorKind::BadResponse(_)));
     }
 }

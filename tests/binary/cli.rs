@@ -8,7 +8,10 @@ fn version_names_the_crate_version() {
     let dir = tempfile::tempdir().unwrap();
     let (code, stdout, _) = run(&["--version"], &[], dir.path());
     assert_eq!(code, 0);
-    assert_eq!(stdout.trim(), format!("tokengate {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        stdout.trim(),
+        format!("tokengate {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -34,18 +37,45 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
             secret_file.display()
         ),
     );
-    let (code, stdout, stderr) = run(&["check-config", "--config", config.to_str().unwrap()], &[], dir.path());
+    let (code, stdout, stderr) = run(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(r#"request_timeout = "3s""#), "{stdout}");
-    assert!(stdout.contains(r#"client_secret = "[REDACTED]""#), "{stdout}");
-    assert!(stdout.contains(&format!("client_secret_file = \"{}\"", secret_file.display())), "{stdout}");
-    assert!(stdout.contains(r#"allowed_grants = ["jwt_bearer"]"#), "{stdout}");
+    assert!(
+        stdout.contains(r#"client_secret = "[REDACTED]""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "client_secret_file = \"{}\"",
+            secret_file.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"allowed_grants = ["jwt_bearer"]"#),
+        "{stdout}"
+    );
     for secret in ["inline-secret-value-77", "file-secret-value-31"] {
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} leaked");
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
     }
     // What it prints is itself a valid config.
-    let printed = write(dir.path(), "printed.toml", &stdout.replace(r#"client_secret = "[REDACTED]""#, r#"client_secret = "x""#));
-    let (code, _, stderr) = run(&["check-config", "--config", printed.to_str().unwrap()], &[], dir.path());
+    let printed = write(
+        dir.path(),
+        "printed.toml",
+        &stdout.replace(r#"client_secret = "[REDACTED]""#, r#"client_secret = "x""#),
+    );
+    let (code, _, stderr) = run(
+        &["check-config", "--config", printed.to_str().unwrap()],
+        &[],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{stderr}");
 }
 
@@ -54,7 +84,10 @@ fn bad_config_exits_64_with_one_line_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[server]\nlisten = \"not-an-address\"\n", "listen"),
-        ("[upstream]\nbase_url = \"https://h.example/restapi/v1.0\"\n", "base_url"),
+        (
+            "[upstream]\nbase_url = \"https://h.example/restapi/v1.0\"\n",
+            "base_url",
+        ),
         ("[upstream]\ntypo_key = 1\n", "typo_key"),
         (
             "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"leaky-secret-9\"\nauth_method = \"none\"\n",
@@ -64,14 +97,22 @@ fn bad_config_exits_64_with_one_line_and_no_secret() {
     for (text, expected) in cases {
         let config = write(dir.path(), "bad.toml", text);
         for command in ["check-config", "serve"] {
-            let (code, stdout, stderr) = run(&[command, "--config", config.to_str().unwrap()], &[], dir.path());
+            let (code, stdout, stderr) = run(
+                &[command, "--config", config.to_str().unwrap()],
+                &[],
+                dir.path(),
+            );
             assert_eq!(code, 64, "{command} {text}: {stdout}{stderr}");
             assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
             assert!(stderr.contains(expected), "{stderr} should name {expected}");
             assert!(!stderr.contains("leaky-secret-9") && !stdout.contains("leaky-secret-9"));
         }
     }
-    let (code, _, stderr) = run(&["check-config", "--config", "/nonexistent/tokengate.toml"], &[], dir.path());
+    let (code, _, stderr) = run(
+        &["check-config", "--config", "/nonexistent/tokengate.toml"],
+        &[],
+        dir.path(),
+    );
     assert_eq!(code, 64);
     assert!(stderr.contains("/nonexistent/tokengate.toml"), "{stderr}");
 }
@@ -79,20 +120,38 @@ fn bad_config_exits_64_with_one_line_and_no_secret() {
 #[test]
 fn environment_overrides_file_and_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(dir.path(), "tokengate.toml", "[upstream]\nrequest_timeout = \"3s\"\n");
+    let config = write(
+        dir.path(),
+        "tokengate.toml",
+        "[upstream]\nrequest_timeout = \"3s\"\n",
+    );
     let env = [
         ("TOKENGATE_UPSTREAM__REQUEST_TIMEOUT", "7s"),
         ("TOKENGATE_UPSTREAM__BASE_URL", "http://127.0.0.1:9"),
         ("TOKENGATE_CLIENTS__ALLOW_PUBLIC", "false"),
     ];
-    let (code, stdout, stderr) = run(&["check-config", "--config", config.to_str().unwrap()], &env, dir.path());
+    let (code, stdout, stderr) = run(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &env,
+        dir.path(),
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(r#"request_timeout = "7s""#), "{stdout}");
-    assert!(stdout.contains(r#"base_url = "http://127.0.0.1:9""#), "{stdout}");
+    assert!(
+        stdout.contains(r#"base_url = "http://127.0.0.1:9""#),
+        "{stdout}"
+    );
     assert!(stdout.contains("allow_public = false"), "{stdout}");
 
-    let (code, _, stderr) = run(&["check-config"], &[("TOKENGATE_SERVER__NOPE", "1")], dir.path());
-    assert_eq!(code, 64, "an unknown key from the environment is an error too");
+    let (code, _, stderr) = run(
+        &["check-config"],
+        &[("TOKENGATE_SERVER__NOPE", "1")],
+        dir.path(),
+    );
+    assert_eq!(
+        code, 64,
+        "an unknown key from the environment is an error too"
+    );
     assert!(stderr.contains("nope"), "{stderr}");
 }
 
@@ -121,7 +180,10 @@ async fn serve_without_a_config_file_starts_and_health_check_passes() {
     let dir = tempfile::tempdir().unwrap();
     let mut served = Served::start_with(
         &["serve"],
-        &[("TOKENGATE_SERVER__LISTEN", "127.0.0.1:0"), ("TOKENGATE_LOG_FORMAT", "json")],
+        &[
+            ("TOKENGATE_SERVER__LISTEN", "127.0.0.1:0"),
+            ("TOKENGATE_LOG_FORMAT", "json"),
+        ],
         dir,
     )
     .await;
@@ -129,12 +191,34 @@ async fn serve_without_a_config_file_starts_and_health_check_passes() {
     let cwd = std::env::temp_dir();
     let (code, stdout, stderr) = run(&["health-check", "--addr", &url], &[], &cwd);
     assert_eq!((code, stdout.trim()), (0, "SERVING"), "{stderr}");
-    let (code, _, stderr) =
-        run(&["health-check", "--addr", &url, "--service", "tokengate.v1.TokenService"], &[], &cwd);
+    let (code, _, stderr) = run(
+        &[
+            "health-check",
+            "--addr",
+            &url,
+            "--service",
+            "tokengate.v1.TokenService",
+        ],
+        &[],
+        &cwd,
+    );
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = run(&["health-check", "--addr", &url, "--service", "no.such.Service"], &[], &cwd);
+    let (code, _, stderr) = run(
+        &[
+            "health-check",
+            "--addr",
+            &url,
+            "--service",
+            "no.such.Service",
+        ],
+        &[],
+        &cwd,
+    );
     assert_ne!(code, 0, "an unknown service is not SERVING");
-    assert!(stderr.contains("NotFound") || stderr.contains("not found"), "{stderr}");
+    assert!(
+        stderr.contains("NotFound") || stderr.contains("not found"),
+        "{stderr}"
+    );
 
     served.signal("TERM");
     assert_eq!(served.exit_code().await, 0);
@@ -148,7 +232,11 @@ fn health_check_fails_when_nothing_listens() {
     };
     let cwd = std::env::temp_dir();
     let addr = format!("http://127.0.0.1:{port}");
-    let (code, _, stderr) = run(&["health-check", "--addr", &addr, "--timeout", "2s"], &[], &cwd);
+    let (code, _, stderr) = run(
+        &["health-check", "--addr", &addr, "--timeout", "2s"],
+        &[],
+        &cwd,
+    );
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
@@ -158,12 +246,32 @@ fn text_logs_are_the_default_and_json_is_selected_by_flag() {
     let dir = tempfile::tempdir().unwrap();
     // 192.0.2.1 (TEST-NET-1) is not a local address, so binding fails at once and the
     // startup error is logged in the selected format; no packet leaves the machine.
-    let config = write(dir.path(), "foreign.toml", "[server]\nlisten = \"192.0.2.1:50051\"\n");
-    let (code, text, _) = run(&["serve", "--config", config.to_str().unwrap()], &[], dir.path());
+    let config = write(
+        dir.path(),
+        "foreign.toml",
+        "[server]\nlisten = \"192.0.2.1:50051\"\n",
+    );
+    let (code, text, _) = run(
+        &["serve", "--config", config.to_str().unwrap()],
+        &[],
+        dir.path(),
+    );
     assert_eq!(code, 1, "binding a foreign address fails at start: {text}");
-    assert!(text.contains("cannot start") && !text.trim_start().starts_with('{'), "{text}");
-    let (code, json, _) =
-        run(&["serve", "--config", config.to_str().unwrap(), "--log-format", "json"], &[], dir.path());
+    assert!(
+        text.contains("cannot start") && !text.trim_start().starts_with('{'),
+        "{text}"
+    );
+    let (code, json, _) = run(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        &[],
+        dir.path(),
+    );
     assert_eq!(code, 1);
     let event: serde_json::Value = serde_json::from_str(json.lines().last().unwrap()).unwrap();
     assert_eq!(event["fields"]["message"], "cannot start", "{json}");

@@ -77,11 +77,15 @@ fn every_grant() -> Vec<Grant> {
         }),
         Grant::JwtBearer(proto::JwtBearerGrant { assertion: s(4) }),
         Grant::PartnerJwt(proto::PartnerJwtGrant { assertion: s(5) }),
-        Grant::RefreshToken(proto::RefreshTokenGrant { refresh_token: s(6) }),
+        Grant::RefreshToken(proto::RefreshTokenGrant {
+            refresh_token: s(6),
+        }),
         Grant::IvrPin(proto::IvrPinGrant { ivr_pin: s(7) }),
         Grant::DeviceCode(proto::DeviceCodeGrant { device_code: s(8) }),
         Grant::ClientCredentials(proto::ClientCredentialsGrant {
-            subject: Some(proto::client_credentials_grant::Subject::AccountId("acct-1".into())),
+            subject: Some(proto::client_credentials_grant::Subject::AccountId(
+                "acct-1".into(),
+            )),
         }),
         Grant::Otp(proto::OtpGrant { code: s(9) }),
         Grant::Guest(proto::GuestGrant {
@@ -98,11 +102,17 @@ fn every_grant() -> Vec<Grant> {
 fn every_request() -> Vec<GetTokenRequest> {
     let mut requests = Vec::new();
     for grant in every_grant() {
-        for (client_id, assertion) in [("basic-app", None), ("post-app", None), ("", Some(CLIENT_ASSERTION))] {
+        for (client_id, assertion) in [
+            ("basic-app", None),
+            ("post-app", None),
+            ("", Some(CLIENT_ASSERTION)),
+        ] {
             requests.push(GetTokenRequest {
                 grant: Some(grant.clone()),
                 client_id: client_id.into(),
-                client_assertion: assertion.map(|a| proto::ClientAssertion { assertion: a.into() }),
+                client_assertion: assertion.map(|a| proto::ClientAssertion {
+                    assertion: a.into(),
+                }),
                 scopes: vec!["ReadAccounts".into()],
                 ..Default::default()
             });
@@ -125,21 +135,33 @@ fn locally_refused() -> Vec<GetTokenRequest> {
         GetTokenRequest {
             grant: Some(password),
             scopes: vec!["Read Accounts".into()],
-            access_token_ttl: Some(prost_types::Duration { seconds: 1, nanos: 5 }),
-            client_assertion: Some(proto::ClientAssertion { assertion: CLIENT_ASSERTION.into() }),
+            access_token_ttl: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 5,
+            }),
+            client_assertion: Some(proto::ClientAssertion {
+                assertion: CLIENT_ASSERTION.into(),
+            }),
             ..Default::default()
         },
         // no grant
-        GetTokenRequest { client_id: "basic-app".into(), ..Default::default() },
+        GetTokenRequest {
+            client_id: "basic-app".into(),
+            ..Default::default()
+        },
         // unknown client
         GetTokenRequest {
-            grant: Some(Grant::Otp(proto::OtpGrant { code: GRANT_SECRETS[9].into() })),
+            grant: Some(Grant::Otp(proto::OtpGrant {
+                code: GRANT_SECRETS[9].into(),
+            })),
             client_id: "stranger".into(),
             ..Default::default()
         },
         // grant not allowed
         GetTokenRequest {
-            grant: Some(Grant::JwtBearer(proto::JwtBearerGrant { assertion: GRANT_SECRETS[4].into() })),
+            grant: Some(Grant::JwtBearer(proto::JwtBearerGrant {
+                assertion: GRANT_SECRETS[4].into(),
+            })),
             client_id: "narrow-app".into(),
             ..Default::default()
         },
@@ -177,23 +199,64 @@ fn scenarios() -> Vec<(&'static str, ResponseTemplate)> {
         ("authorization_pending", oauth("authorization_pending")),
         ("slow_down", oauth("slow_down")),
         ("unknown error", oauth("something_else")),
-        ("429", ResponseTemplate::new(429).insert_header("Retry-After", "5").set_body_string(echo.clone())),
-        ("503", ResponseTemplate::new(503).insert_header("Retry-After", "2").set_body_string(echo.clone())),
-        ("502 html", ResponseTemplate::new(502).set_body_string(format!("<html>{echo}</html>"))),
-        ("truncated", ResponseTemplate::new(200).set_body_string(format!("{{\"access_token\":\"{ACCESS_TOKEN}"))),
-        ("no access_token", ResponseTemplate::new(200).set_body_json(serde_json::json!({"refresh_token": REFRESH_TOKEN_OUT}))),
-        ("oversized", ResponseTemplate::new(200).set_body_string(format!("{{\"access_token\":\"{ACCESS_TOKEN}\",\"x\":\"{}\"}}", "a".repeat(2 << 20)))),
-        ("timeout", ResponseTemplate::new(200).set_delay(Duration::from_secs(2))),
+        (
+            "429",
+            ResponseTemplate::new(429)
+                .insert_header("Retry-After", "5")
+                .set_body_string(echo.clone()),
+        ),
+        (
+            "503",
+            ResponseTemplate::new(503)
+                .insert_header("Retry-After", "2")
+                .set_body_string(echo.clone()),
+        ),
+        (
+            "502 html",
+            ResponseTemplate::new(502).set_body_string(format!("<html>{echo}</html>")),
+        ),
+        (
+            "truncated",
+            ResponseTemplate::new(200)
+                .set_body_string(format!("{{\"access_token\":\"{ACCESS_TOKEN}")),
+        ),
+        (
+            "no access_token",
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"refresh_token": REFRESH_TOKEN_OUT})),
+        ),
+        (
+            "oversized",
+            ResponseTemplate::new(200).set_body_string(format!(
+                "{{\"access_token\":\"{ACCESS_TOKEN}\",\"x\":\"{}\"}}",
+                "a".repeat(2 << 20)
+            )),
+        ),
+        (
+            "timeout",
+            ResponseTemplate::new(200).set_delay(Duration::from_secs(2)),
+        ),
     ]
 }
 
 fn all_secrets() -> Vec<String> {
     let mut secrets: Vec<String> = GRANT_SECRETS.iter().map(|s| (*s).to_owned()).collect();
     secrets.extend(
-        [CLIENT_SECRET_BASIC, CLIENT_SECRET_POST, CLIENT_ASSERTION, ACCESS_TOKEN, REFRESH_TOKEN_OUT, ID_TOKEN, REVOKED_TOKEN]
-            .map(str::to_owned),
+        [
+            CLIENT_SECRET_BASIC,
+            CLIENT_SECRET_POST,
+            CLIENT_ASSERTION,
+            ACCESS_TOKEN,
+            REFRESH_TOKEN_OUT,
+            ID_TOKEN,
+            REVOKED_TOKEN,
+        ]
+        .map(str::to_owned),
     );
-    for (id, secret) in [("basic-app", CLIENT_SECRET_BASIC), ("post-app", CLIENT_SECRET_POST)] {
+    for (id, secret) in [
+        ("basic-app", CLIENT_SECRET_BASIC),
+        ("post-app", CLIENT_SECRET_POST),
+    ] {
         secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")));
     }
     secrets
@@ -207,7 +270,11 @@ async fn drive(served: &Served, requests: &[GetTokenRequest]) -> usize {
         done += 1;
     }
     for client_id in ["basic-app", "post-app"] {
-        let revoke = proto::RevokeTokenRequest { token: REVOKED_TOKEN.into(), client_id: client_id.into(), client_assertion: None };
+        let revoke = proto::RevokeTokenRequest {
+            token: REVOKED_TOKEN.into(),
+            client_id: client_id.into(),
+            client_assertion: None,
+        };
         let _ = client.revoke_token(revoke).await;
         done += 1;
     }
@@ -221,7 +288,11 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     let mut calls = drive(&served, &locally_refused()).await;
     for (name, response) in scenarios() {
         upstream.reset().await;
-        Mock::given(method("POST")).respond_with(response).named(name).mount(&upstream).await;
+        Mock::given(method("POST"))
+            .respond_with(response)
+            .named(name)
+            .mount(&upstream)
+            .await;
         calls += drive(&served, &every_request()).await;
     }
 
@@ -234,13 +305,28 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     calls += drive(&refused, &every_request()).await;
 
     let finished = |served: &Served| {
-        served.events().iter().filter(|e| matches!(message(e), Some("call succeeded" | "call failed"))).count()
+        served
+            .events()
+            .iter()
+            .filter(|e| matches!(message(e), Some("call succeeded" | "call failed")))
+            .count()
     };
-    assert_eq!(finished(&served) + finished(&refused), calls, "one finish event per call");
+    assert_eq!(
+        finished(&served) + finished(&refused),
+        calls,
+        "one finish event per call"
+    );
 
     let logs = format!("{}\n{}", served.output(), refused.output());
-    assert!(logs.lines().count() > calls * 5, "TRACE logging was on ({} lines)", logs.lines().count());
-    assert!(logs.contains("h2") || logs.contains("hyper"), "dependency TRACE logs are included");
+    assert!(
+        logs.lines().count() > calls * 5,
+        "TRACE logging was on ({} lines)",
+        logs.lines().count()
+    );
+    assert!(
+        logs.contains("h2") || logs.contains("hyper"),
+        "dependency TRACE logs are included"
+    );
     for secret in all_secrets() {
         assert!(!logs.contains(&secret), "{secret} appears in the logs");
     }
@@ -250,33 +336,47 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
 async fn each_call_logs_one_span_with_grant_client_status_and_latency() {
     let upstream = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token": ACCESS_TOKEN})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"access_token": ACCESS_TOKEN})),
+        )
         .mount(&upstream)
         .await;
     let served = Served::start(&config(&upstream.uri()), &[]).await;
     let mut client = served.client().await;
     let request = GetTokenRequest {
-        grant: Some(Grant::JwtBearer(proto::JwtBearerGrant { assertion: GRANT_SECRETS[4].into() })),
+        grant: Some(Grant::JwtBearer(proto::JwtBearerGrant {
+            assertion: GRANT_SECRETS[4].into(),
+        })),
         client_id: "post-app".into(),
         ..Default::default()
     };
     client.get_token(request).await.unwrap();
 
-    let event = served.wait_for(|e| message(e) == Some("call succeeded")).await;
+    let event = served
+        .wait_for(|e| message(e) == Some("call succeeded"))
+        .await;
     let span = &event["span"];
     assert_eq!(span["name"], "GetToken", "{event}");
     assert_eq!(span["grant_type"], "jwt_bearer", "{event}");
     assert_eq!(span["client_id"], "post-app", "{event}");
     assert_eq!(span["upstream_status"], 200, "{event}");
-    assert!(span["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{event}");
+    assert!(
+        span["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{event}"
+    );
 
     upstream.reset().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({"error": "invalid_grant"})))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(serde_json::json!({"error": "invalid_grant"})),
+        )
         .mount(&upstream)
         .await;
     let request = GetTokenRequest {
-        grant: Some(Grant::RefreshToken(proto::RefreshTokenGrant { refresh_token: GRANT_SECRETS[6].into() })),
+        grant: Some(Grant::RefreshToken(proto::RefreshTokenGrant {
+            refresh_token: GRANT_SECRETS[6].into(),
+        })),
         ..Default::default()
     };
     client.get_token(request).await.unwrap_err();

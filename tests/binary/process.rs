@@ -37,14 +37,32 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tokengate.toml");
         std::fs::write(&file, config).unwrap();
-        Self::start_with(&["serve", "--config", file.to_str().unwrap(), "--log-format", "json"], env, dir).await
+        Self::start_with(
+            &[
+                "serve",
+                "--config",
+                file.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ],
+            env,
+            dir,
+        )
+        .await
     }
 
     /// Runs the binary with `args` and waits for the `listening` line.
     pub async fn start_with(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) -> Self {
         let mut command = Command::new(binary());
-        command.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-        command.env_remove("RUST_LOG").env_remove("TOKENGATE_CONFIG").env_remove("TOKENGATE_LOG_FORMAT");
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        command
+            .env_remove("RUST_LOG")
+            .env_remove("TOKENGATE_CONFIG")
+            .env_remove("TOKENGATE_LOG_FORMAT");
         for (key, value) in env {
             command.env(key, value);
         }
@@ -61,9 +79,20 @@ impl Served {
             }
             notify.notify_waiters();
         });
-        let mut served = Self { child, addr: String::new(), lines, new_line, _dir: dir };
-        let listening = served.wait_for(|event| message(event) == Some("listening")).await;
-        served.addr = listening["fields"]["addr"].as_str().expect("listening line names addr").to_owned();
+        let mut served = Self {
+            child,
+            addr: String::new(),
+            lines,
+            new_line,
+            _dir: dir,
+        };
+        let listening = served
+            .wait_for(|event| message(event) == Some("listening"))
+            .await;
+        served.addr = listening["fields"]["addr"]
+            .as_str()
+            .expect("listening line names addr")
+            .to_owned();
         served
     }
 
@@ -74,7 +103,12 @@ impl Served {
 
     /// Every stdout line so far that is a JSON event.
     pub fn events(&self) -> Vec<Value> {
-        self.lines.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Waits until a JSON event matches `predicate` and returns it.
@@ -85,25 +119,39 @@ impl Served {
             if let Some(event) = self.events().into_iter().find(|e| predicate(e)) {
                 return event;
             }
-            if timeout(deadline.saturating_duration_since(Instant::now()), notified).await.is_err() {
-                panic!("no matching log line within {PATIENCE:?}; output so far:\n{}", self.output());
+            if timeout(deadline.saturating_duration_since(Instant::now()), notified)
+                .await
+                .is_err()
+            {
+                panic!(
+                    "no matching log line within {PATIENCE:?}; output so far:\n{}",
+                    self.output()
+                );
             }
         }
     }
 
     pub async fn client(&self) -> TokenServiceClient<Channel> {
-        TokenServiceClient::connect(format!("http://{}", self.addr)).await.unwrap()
+        TokenServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
     }
 
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("still running").to_string();
-        let status = std::process::Command::new("kill").args([format!("-{name}").as_str(), &pid]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}").as_str(), &pid])
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{name} {pid}");
     }
 
     /// Waits for the process to exit and returns its exit code.
     pub async fn exit_code(&mut self) -> i32 {
-        let status = timeout(PATIENCE, self.child.wait()).await.expect("exits in time").unwrap();
+        let status = timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("exits in time")
+            .unwrap();
         status.code().expect("exited, not killed by a signal")
     }
 }
@@ -117,7 +165,10 @@ pub fn message(event: &Value) -> Option<&str> {
 pub fn run(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, String, String) {
     let mut command = std::process::Command::new(binary());
     command.args(args).current_dir(cwd).stdin(Stdio::null());
-    command.env_remove("RUST_LOG").env_remove("TOKENGATE_CONFIG").env_remove("TOKENGATE_LOG_FORMAT");
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("TOKENGATE_CONFIG")
+        .env_remove("TOKENGATE_LOG_FORMAT");
     for (key, value) in env {
         command.env(key, value);
     }

@@ -35,7 +35,9 @@ async fn slow_upstream(delay: Duration) -> MockServer {
         .and(path("/restapi/oauth/token"))
         .respond_with(
             ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({"access_token": "slow-token", "expires_in": 3600}))
+                .set_body_json(
+                    serde_json::json!({"access_token": "slow-token", "expires_in": 3600}),
+                )
                 .set_delay(delay),
         )
         .mount(&upstream)
@@ -45,7 +47,9 @@ async fn slow_upstream(delay: Duration) -> MockServer {
 
 fn client_credentials() -> GetTokenRequest {
     GetTokenRequest {
-        grant: Some(Grant::ClientCredentials(ClientCredentialsGrant { subject: None })),
+        grant: Some(Grant::ClientCredentials(ClientCredentialsGrant {
+            subject: None,
+        })),
         ..Default::default()
     }
 }
@@ -54,7 +58,10 @@ fn client_credentials() -> GetTokenRequest {
 async fn upstream_received(upstream: &MockServer, n: usize) {
     let deadline = Instant::now() + PATIENCE;
     while upstream.received_requests().await.unwrap_or_default().len() < n {
-        assert!(Instant::now() < deadline, "the upstream never received the call");
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never received the call"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -65,7 +72,10 @@ async fn connections_refused(addr: &str) {
     loop {
         match tokio::net::TcpStream::connect(addr).await {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
-            _ => assert!(Instant::now() < deadline, "the listener still accepts after SIGTERM"),
+            _ => assert!(
+                Instant::now() < deadline,
+                "the listener still accepts after SIGTERM"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -82,7 +92,13 @@ async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_fli
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);
-    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
 
@@ -96,13 +112,21 @@ async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_fli
     drop(watch);
 
     connections_refused(&served.addr).await;
-    assert!(!in_flight.is_finished(), "the slow call must still be in flight when new connections are refused");
+    assert!(
+        !in_flight.is_finished(),
+        "the slow call must still be in flight when new connections are refused"
+    );
 
-    let token = in_flight.await.unwrap().expect("the in-flight call completes during the drain");
+    let token = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
     assert_eq!(token.into_inner().access_token, "slow-token");
 
     assert_eq!(served.exit_code().await, 0);
-    let last = served.wait_for(|e| e["fields"]["drained"].is_boolean()).await;
+    let last = served
+        .wait_for(|e| e["fields"]["drained"].is_boolean())
+        .await;
     assert_eq!(last["fields"]["drained"], true, "{}", served.output());
 }
 
@@ -117,9 +141,20 @@ async fn grace_period_bounds_the_drain_and_the_log_says_it_was_incomplete() {
     let signalled = Instant::now();
     served.signal("INT");
     assert_eq!(served.exit_code().await, 0);
-    assert!(signalled.elapsed() < Duration::from_secs(10), "exited {:?} after SIGINT", signalled.elapsed());
-    let last = served.wait_for(|e| e["fields"]["drained"].is_boolean()).await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited {:?} after SIGINT",
+        signalled.elapsed()
+    );
+    let last = served
+        .wait_for(|e| e["fields"]["drained"].is_boolean())
+        .await;
     assert_eq!(last["fields"]["drained"], false, "{}", served.output());
     assert!(in_flight.await.unwrap().is_err(), "the dropped call fails");
-    assert!(served.events().iter().any(|e| message(e).is_some_and(|m| m.contains("shutdown signal"))));
+    assert!(
+        served
+            .events()
+            .iter()
+            .any(|e| message(e).is_some_and(|m| m.contains("shutdown signal")))
+    );
 }
