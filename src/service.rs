@@ -263,7 +263,10 @@ fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallErro
         Err(error) => {
             let detail = match &error.failure {
                 Failure::Upstream { error, .. } => format!("{:?}", error.kind),
-                Failure::InvalidRequest(v) => format!("{} invalid field(s)", v.len()),
+                Failure::InvalidRequest(violations) => {
+                    let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+                    format!("invalid field(s): {}", fields.join(", "))
+                }
                 Failure::Client(e) => e.to_string(),
             };
             tracing::info!(parent: span, reason = error.reason(), detail, "call failed");
