@@ -293,7 +293,7 @@ impl Config {
 
     /// The effective configuration as TOML, with every secret replaced by `[REDACTED]`.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 

@@ -276,3 +276,29 @@ fn text_logs_are_the_default_and_json_is_selected_by_flag() {
     let event: serde_json::Value = serde_json::from_str(json.lines().last().unwrap()).unwrap();
     assert_eq!(event["fields"]["message"], "cannot start", "{json}");
 }
+
+#[test]
+fn the_example_config_in_the_repository_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "my-app", "example-secret");
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/tokengate.toml"
+    ))
+    .unwrap();
+    let example = example.replace(
+        "/var/run/secrets/tokengate/my-app",
+        secret.to_str().unwrap(),
+    );
+    let config = write(dir.path(), "tokengate.toml", &example);
+    let (code, stdout, stderr) = run(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(r#"allowed_grants = ["jwt_bearer", "refresh_token"]"#),
+        "{stdout}"
+    );
+}
