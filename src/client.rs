@@ -108,9 +108,7 @@ impl<'a> ClientAuth<'a> {
 pub enum ClientError {
     #[error("client_id {0:?} is not registered and public clients are not allowed")]
     Unknown(String),
-    #[error(
-        "no client_id was given, no client_assertion was given and no default client is registered"
-    )]
+    #[error("no client_id was given and no default client is registered")]
     Missing,
     #[error("client {client_id:?} may not use the {grant} grant")]
     GrantNotAllowed { client_id: String, grant: GrantKind },

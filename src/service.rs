@@ -55,6 +55,9 @@ impl TokenGate {
             client_id: client_id.map(str::to_owned),
         };
         let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
+        if let Some(client_id) = &request_client_id {
+            span.record("client_id", client_id.as_str());
+        }
         let request = TokenRequest::try_from(request).map_err(|violations| {
             fail(
                 Failure::InvalidRequest(violations),
@@ -105,6 +108,9 @@ impl TokenGate {
             client_id: client_id.map(str::to_owned),
         };
         let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
+        if let Some(client_id) = &request_client_id {
+            span.record("client_id", client_id.as_str());
+        }
         let request = RevokeRequest::try_from(request).map_err(|violations| {
             fail(
                 Failure::InvalidRequest(violations),

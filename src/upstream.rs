@@ -251,6 +251,10 @@ impl Upstream {
             Some(caller) if caller < own_deadline => (caller, true),
             _ => (own_deadline, false),
         };
+        // `timeout_at` polls its future once even when already expired; send nothing then.
+        if callers && until <= Instant::now() {
+            return Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded));
+        }
         let mut builder = self
             .http
             .post(url.clone())
