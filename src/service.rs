@@ -12,7 +12,7 @@ use tracing::{Instrument as _, field};
 
 use crate::client::Clients;
 use crate::error::{CallError, Failure};
-use crate::grant::{GrantKind, RevokeRequest, TokenRequest};
+use crate::grant::{FormField, GrantKind, RevokeRequest, TokenRequest};
 use crate::proto::{self, token_service_server::TokenService};
 use crate::upstream::{Outgoing, Token, Upstream, UpstreamError};
 
@@ -39,61 +39,50 @@ impl TokenGate {
         }
     }
 
-    async fn get_token(
-        &self,
-        request: proto::GetTokenRequest,
-        deadline: Option<Instant>,
-    ) -> Result<Token, CallError> {
-        let span = tracing::Span::current();
-        let grant_kind = request.grant.as_ref().map(grant_kind_of);
-        if let Some(kind) = grant_kind {
-            span.record("grant_type", kind.as_str());
-        }
-        let fail = |failure, client_id: Option<&str>| CallError {
-            failure,
-            grant: grant_kind,
-            client_id: client_id.map(str::to_owned),
-        };
-        let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
-        if let Some(client_id) = &request_client_id {
-            span.record("client_id", client_id.as_str());
-        }
-        let request = TokenRequest::try_from(request).map_err(|violations| {
-            fail(
-                Failure::InvalidRequest(violations),
-                request_client_id.as_deref(),
-            )
-        })?;
-        let kind = request.grant.kind();
+    /// Resolves the client and builds the POST: the request's own fields, then client
+    /// authentication. Returns it with whether the caller supplied the credentials.
+    fn outgoing<'a>(
+        &'a self,
+        call: &mut Call,
+        client_id: Option<&'a str>,
+        assertion: Option<&'a SecretString>,
+        grant: Option<GrantKind>,
+        mut fields: Vec<FormField<'a>>,
+    ) -> Result<(Outgoing<'a>, bool), CallError> {
         let auth = self
             .inner
             .clients
-            .resolve(
-                request.client_id.as_deref(),
-                request.client_assertion.as_ref(),
-                Some(kind),
-            )
-            .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
-        if let Some(client_id) = auth.client_id() {
-            span.record("client_id", client_id);
-        }
-        let mut fields = request.form_fields();
+            .resolve(client_id, assertion, grant)
+            .map_err(|e| call.fail(Failure::Client(e)))?;
+        call.authenticated(auth.client_id());
         auth.push_fields(&mut fields);
         let outgoing = Outgoing {
             fields,
             basic: auth.basic(),
         };
+        Ok((outgoing, auth.from_caller()))
+    }
+
+    async fn get_token(
+        &self,
+        request: proto::GetTokenRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Token, CallError> {
+        let mut call = Call::start(
+            request.grant.as_ref().map(grant_kind_of),
+            &request.client_id,
+        );
+        let request = TokenRequest::try_from(request)
+            .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
+        let (outgoing, caller_credentials) = self.outgoing(
+            &mut call,
+            request.client_id.as_deref(),
+            request.client_assertion.as_ref(),
+            Some(request.grant.kind()),
+            request.form_fields(),
+        )?;
         let result = self.inner.upstream.token(&outgoing, deadline).await;
-        record_upstream(&span, result.as_ref().err());
-        result.map_err(|error| {
-            fail(
-                Failure::Upstream {
-                    error,
-                    caller_credentials: auth.from_caller(),
-                },
-                auth.client_id(),
-            )
-        })
+        call.upstream(result, caller_credentials)
     }
 
     async fn revoke(
@@ -101,50 +90,70 @@ impl TokenGate {
         request: proto::RevokeTokenRequest,
         deadline: Option<Instant>,
     ) -> Result<(), CallError> {
-        let span = tracing::Span::current();
-        let fail = |failure, client_id: Option<&str>| CallError {
-            failure,
-            grant: None,
-            client_id: client_id.map(str::to_owned),
-        };
-        let request_client_id = (!request.client_id.is_empty()).then(|| request.client_id.clone());
-        if let Some(client_id) = &request_client_id {
-            span.record("client_id", client_id.as_str());
-        }
-        let request = RevokeRequest::try_from(request).map_err(|violations| {
-            fail(
-                Failure::InvalidRequest(violations),
-                request_client_id.as_deref(),
-            )
-        })?;
-        let auth = self
-            .inner
-            .clients
-            .resolve(
-                request.client_id.as_deref(),
-                request.client_assertion.as_ref(),
-                None,
-            )
-            .map_err(|e| fail(Failure::Client(e), request.client_id.as_deref()))?;
-        if let Some(client_id) = auth.client_id() {
-            span.record("client_id", client_id);
-        }
-        let mut fields = request.form_fields();
-        auth.push_fields(&mut fields);
-        let outgoing = Outgoing {
-            fields,
-            basic: auth.basic(),
-        };
+        let mut call = Call::start(None, &request.client_id);
+        let request = RevokeRequest::try_from(request)
+            .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
+        let (outgoing, caller_credentials) = self.outgoing(
+            &mut call,
+            request.client_id.as_deref(),
+            request.client_assertion.as_ref(),
+            None,
+            request.form_fields(),
+        )?;
         let result = self.inner.upstream.revoke(&outgoing, deadline).await;
-        record_upstream(&span, result.as_ref().err());
+        call.upstream(result, caller_credentials)
+    }
+}
+
+/// What a call is for: labels its span and its errors as it learns more.
+struct Call {
+    span: tracing::Span,
+    grant: Option<GrantKind>,
+    client_id: Option<String>,
+}
+
+impl Call {
+    /// Starts labelling the current span with what the raw request names.
+    fn start(grant: Option<GrantKind>, client_id: &str) -> Self {
+        let mut call = Self {
+            span: tracing::Span::current(),
+            grant,
+            client_id: None,
+        };
+        if let Some(grant) = grant {
+            call.span.record("grant_type", grant.as_str());
+        }
+        call.authenticated((!client_id.is_empty()).then_some(client_id));
+        call
+    }
+
+    /// Records the client the call was resolved to.
+    fn authenticated(&mut self, client_id: Option<&str>) {
+        if let Some(client_id) = client_id {
+            self.span.record("client_id", client_id);
+            self.client_id = Some(client_id.to_owned());
+        }
+    }
+
+    fn fail(&self, failure: Failure) -> CallError {
+        CallError {
+            failure,
+            grant: self.grant,
+            client_id: self.client_id.clone(),
+        }
+    }
+
+    /// Labels an upstream failure.
+    fn upstream<T>(
+        &self,
+        result: Result<T, UpstreamError>,
+        caller_credentials: bool,
+    ) -> Result<T, CallError> {
         result.map_err(|error| {
-            fail(
-                Failure::Upstream {
-                    error,
-                    caller_credentials: auth.from_caller(),
-                },
-                auth.client_id(),
-            )
+            self.fail(Failure::Upstream {
+                error,
+                caller_credentials,
+            })
         })
     }
 }
@@ -165,17 +174,6 @@ fn grant_kind_of(grant: &proto::get_token_request::Grant) -> GrantKind {
         G::PersonalJwt(_) => GrantKind::PersonalJwt,
         G::DeviceCertificate(_) => GrantKind::DeviceCertificate,
     }
-}
-
-fn record_upstream(span: &tracing::Span, error: Option<&UpstreamError>) {
-    match error {
-        None => span.record("upstream_status", 200_u16),
-        Some(UpstreamError {
-            http_status: Some(status),
-            ..
-        }) => span.record("upstream_status", *status),
-        Some(_) => span.record("upstream_status", "none"),
-    };
 }
 
 /// The caller's deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`].

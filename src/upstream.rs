@@ -277,6 +277,8 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
     let mut response = builder.send().await.map_err(|e| unavailable(None, &e))?;
     let received_at = SystemTime::now();
     let status = response.status();
+    // The caller's span declares this field (see `service`).
+    tracing::Span::current().record("upstream_status", status.as_u16());
     let headers = response.headers();
     let request_id = headers
         .get("rcrequestid")
