@@ -1,0 +1,250 @@
+{{/*
+The chart name, overridable. Truncated at 63 characters because some Kubernetes name fields are
+limited to this (by the DNS naming spec).
+*/}}
+{{- define "tokengate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of the release's resources: `<release>-<chart>`, or the release name alone when it
+already contains the chart name. Truncated at 63 characters for the same DNS reason.
+*/}}
+{{- define "tokengate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The namespace every resource goes into, written out on each resource so that rendered manifests
+are explicit about it.
+*/}}
+{{- define "tokengate.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{/*
+`helm.sh/chart` label value: name and version, with `+` (not allowed in labels) replaced.
+*/}}
+{{- define "tokengate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels: the stable subset (name, instance, component) that a Deployment's immutable
+selector may use. Call with (dict "context" $ "component" "server").
+*/}}
+{{- define "tokengate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tokengate.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+All standard labels, plus the user's commonLabels. Call with (dict "context" $ "component" "…").
+*/}}
+{{- define "tokengate.labels" -}}
+{{ include "tokengate.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "tokengate.imageTag" .context | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/part-of: tokengate
+app.kubernetes.io/managed-by: {{ .context.Release.Service }}
+helm.sh/chart: {{ include "tokengate.chart" .context }}
+{{- with .context.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ServiceAccount the pods use.
+*/}}
+{{- define "tokengate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tokengate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image tag: the value, or the chart's appVersion (the tokengate release the chart was made for).
+*/}}
+{{- define "tokengate.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{/*
+The image reference from a repository plus a tag, a digest, or both (`repo:tag@digest`). An
+explicit tag is kept next to a digest for readability; the digest alone decides what runs.
+*/}}
+{{- define "tokengate.image" -}}
+{{- $image := .Values.image }}
+{{- if not $image.repository }}
+{{- fail "image.repository must be set" }}
+{{- end }}
+{{- if $image.digest }}
+{{- if $image.tag }}
+{{- printf "%s:%s@%s" $image.repository $image.tag $image.digest }}
+{{- else }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- end }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (include "tokengate.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the config file is mounted and its name inside the ConfigMap.
+*/}}
+{{- define "tokengate.configDir" -}}
+/etc/tokengate
+{{- end }}
+{{- define "tokengate.configFile" -}}
+tokengate.toml
+{{- end }}
+
+{{/*
+A duration of the form "<n>s" or "<n>m" (the schema allows only these) in whole seconds, for the
+arithmetic on terminationGracePeriodSeconds. Call with the string.
+*/}}
+{{- define "tokengate.durationSeconds" -}}
+{{- if hasSuffix "m" . }}
+{{- mul (trimSuffix "m" . | atoi) 60 }}
+{{- else if hasSuffix "s" . }}
+{{- trimSuffix "s" . | atoi }}
+{{- else }}
+{{- fail (printf "duration %q must be whole seconds or minutes, e.g. \"20s\" or \"1m\"" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: longer than the app's drain (shutdown_grace_period) plus the
+preStop sleep that runs before SIGTERM, else the kubelet kills the pod mid-drain. Derived when
+unset; an explicit value that is too short stops the render with the reason.
+*/}}
+{{- define "tokengate.terminationGracePeriodSeconds" -}}
+{{- $drain := include "tokengate.durationSeconds" .Values.config.server.shutdown_grace_period | int }}
+{{- $sleep := .Values.preStopSleepSeconds | int }}
+{{- $needed := add $drain $sleep }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed 10 }}
+{{- else }}
+{{- $set := .Values.terminationGracePeriodSeconds | int }}
+{{- if le $set $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than config.server.shutdown_grace_period (%ds) + preStopSleepSeconds (%ds) = %ds, or the pod is killed before it has drained; raise it or leave it empty to derive it" $set $drain $sleep $needed) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret key holding a registered client's secret: `secretKey`, or the client_id when it is a
+valid key name. Call with the client entry.
+*/}}
+{{- define "tokengate.secretKey" -}}
+{{- $key := default .client_id .secretKey }}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $key) }}
+{{- fail (printf "client %q: %q is not a valid Secret key (letters, digits, '-', '_', '.'); set secretKey" .client_id $key) }}
+{{- end }}
+{{- $key }}
+{{- end }}
+
+{{/*
+The Secret keys the registered clients need, as a JSON list (clients with auth_method "none"
+have no secret).
+*/}}
+{{- define "tokengate.secretKeys" -}}
+{{- $keys := list }}
+{{- range .Values.config.clients.registered }}
+{{- if ne (default "client_secret_basic" .auth_method) "none" }}
+{{- $keys = append $keys (include "tokengate.secretKey" .) }}
+{{- end }}
+{{- end }}
+{{- toJson $keys }}
+{{- end }}
+
+{{/*
+The name of the Secret holding the client secrets: the existing one, or the chart-rendered one.
+Fails when clients need secrets and neither (or both) is configured.
+*/}}
+{{- define "tokengate.secretName" -}}
+{{- $s := .Values.secret }}
+{{- if and $s.existingSecret $s.create }}
+{{- fail "set secret.existingSecret or secret.create, not both" }}
+{{- end }}
+{{- if $s.existingSecret }}
+{{- $s.existingSecret }}
+{{- else if $s.create }}
+{{- include "tokengate.fullname" . }}
+{{- else if include "tokengate.secretKeys" . | fromJsonArray }}
+{{- fail "registered clients need secrets: set secret.existingSecret (production) or secret.create with secret.values (development)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The tokengate config as a dict, ready for toToml. `server.listen` comes from containerPort and
+`client_secret_file` from secret.mountPath, so neither can drift from the pod spec. Duplicate
+client ids and several default clients are refused here, before the binary would refuse them.
+*/}}
+{{- define "tokengate.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $_ := set $config.server "listen" (printf "0.0.0.0:%d" (.Values.containerPort | int)) }}
+{{- $mount := .Values.secret.mountPath | trimSuffix "/" }}
+{{- $clients := list }}
+{{- $seen := dict }}
+{{- $defaults := list }}
+{{- range .Values.config.clients.registered }}
+{{- if hasKey $seen .client_id }}
+{{- fail (printf "config.clients.registered: client_id %q is registered twice" .client_id) }}
+{{- end }}
+{{- $_ := set $seen .client_id true }}
+{{- $method := default "client_secret_basic" .auth_method }}
+{{- $client := dict "client_id" .client_id "auth_method" $method "default" (default false .default) }}
+{{- if .default }}
+{{- $defaults = append $defaults .client_id }}
+{{- end }}
+{{- with .allowed_grants }}
+{{- $_ := set $client "allowed_grants" . }}
+{{- end }}
+{{- if ne $method "none" }}
+{{- $_ := set $client "client_secret_file" (printf "%s/%s" $mount (include "tokengate.secretKey" .)) }}
+{{- end }}
+{{- $clients = append $clients $client }}
+{{- end }}
+{{- if gt (len $defaults) 1 }}
+{{- fail (printf "config.clients.registered: more than one default client: %s" (join ", " $defaults)) }}
+{{- end }}
+{{- $_ := set $config.clients "registered" $clients }}
+{{- toJson $config }}
+{{- end }}
+
+{{/*
+The upstream's TCP port, from config.upstream.base_url: the explicit port, else 443 for https
+and 80 for http. The NetworkPolicy opens egress to it.
+*/}}
+{{- define "tokengate.upstreamPort" -}}
+{{- $url := urlParse .Values.config.upstream.base_url }}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" }}
+{{- if $port }}
+{{- $port }}
+{{- else if eq $url.scheme "http" }}
+{{- 80 }}
+{{- else }}
+{{- 443 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The label that lets a pod through the NetworkPolicy: `<fullname>-client`, shortened so the key
+stays within the 63-character limit of a label name.
+*/}}
+{{- define "tokengate.clientLabel" -}}
+{{- printf "%s-client" (include "tokengate.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}

@@ -1,0 +1,207 @@
+"""values.schema.json: wrong types and unknown keys are refused by install-time validation
+(render) and by lint, and values.yaml is documented and covered by the schema."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import helm_python as helm
+import pytest
+import yaml
+
+from conftest import CHART, NAMESPACE, load_values, render
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+
+# (values, text the error must contain)
+REFUSED = [
+    # wrong types
+    ({"replicaCount": "two"}, "/replicaCount"),
+    ({"containerPort": "50051"}, "/containerPort"),
+    ({"preStopSleepSeconds": 2.5}, "/preStopSleepSeconds"),
+    ({"config": {"clients": {"allow_public": "yes"}}}, "/config/clients/allow_public"),
+    ({"config": {"server": {"shutdown_grace_period": 20}}}, "/config/server/shutdown_grace_period"),
+    ({"networkPolicy": {"enabled": "true"}}, "/networkPolicy/enabled"),
+    ({"podSecurityContext": {"runAsUser": "65532"}}, "/podSecurityContext/runAsUser"),
+    ({"extraEnv": {"RUST_LOG": "debug"}}, "/extraEnv"),
+    # values outside what the binary accepts
+    ({"config": {"server": {"shutdown_grace_period": "20 seconds"}}}, "shutdown_grace_period"),
+    ({"config": {"upstream": {"base_url": "https://platform.ringcentral.com/restapi"}}}, "base_url"),
+    ({"config": {"upstream": {"token_path": "restapi/oauth/token"}}}, "token_path"),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "allowed_grants": ["magic"]}]}}},
+        "allowed_grants",
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "private_key_jwt"}]}}},
+        "auth_method",
+    ),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"service": {"type": "NodePort"}}, "/service/type"),
+    # unknown keys, at the top and deep down
+    ({"replicas": 3}, "replicas"),
+    ({"image": {"tags": "1.0"}}, "tags"),
+    ({"securityContext": {"runAsUsr": 1000}}, "runAsUsr"),
+    ({"networkPolicy": {"ingress": {"allowExternall": True}}}, "allowExternall"),
+    ({"config": {"upstream": {"timeout": "1s"}}}, "timeout"),
+    # keys the chart owns, so they cannot drift from the pod spec
+    ({"config": {"server": {"listen": "0.0.0.0:9000"}}}, "listen"),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "client_secret_file": "/x"}]}}},
+        "client_secret_file",
+    ),
+    # inline secrets never go into the ConfigMap
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "client_secret": "s"}]}}},
+        "client_secret",
+    ),
+]
+
+
+@pytest.mark.parametrize("values,expected", REFUSED, ids=[str(v) for v, _ in REFUSED])
+def test_render_refuses_bad_values(values, expected):
+    with pytest.raises(helm.HelmValuesError) as error:
+        render(values)
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("values,expected", REFUSED[:4] + REFUSED[16:20], ids=str)
+def test_lint_reports_bad_values_as_errors(values, expected):
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert any(expected in e for e in report["errors"]), report
+    assert any(m["severity"] == 3 for m in report["messages"]), report
+
+
+# Template-level checks that a schema cannot express; each stops the render with a reason.
+TEMPLATE_REFUSALS = [
+    (
+        {"terminationGracePeriodSeconds": 25},  # 20s drain + 5s sleep = 25: not enough
+        "terminationGracePeriodSeconds (25) must be greater than",
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a"}]}}},
+        "registered clients need secrets",
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a"}]}},
+         "secret": {"create": True, "values": {"b": "x"}}},
+        'no non-empty "a"',
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a"}]}},
+         "secret": {"create": True, "existingSecret": "s", "values": {"a": "x"}}},
+        "not both",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "none", "default": True},
+            {"client_id": "b", "auth_method": "none", "default": True}]}}},
+        "more than one default client",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "none"},
+            {"client_id": "a", "auth_method": "none"}]}}},
+        "registered twice",
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "app/1"}]}},
+         "secret": {"existingSecret": "s"}},
+        "not a valid Secret key",
+    ),
+    (
+        {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
+        "needs resources.requests.cpu",
+    ),
+    (
+        {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}},
+        "not both",
+    ),
+]
+
+
+@pytest.mark.parametrize("values,expected", TEMPLATE_REFUSALS, ids=[e for _, e in TEMPLATE_REFUSALS])
+def test_render_fails_with_a_reason(values, expected):
+    with pytest.raises(helm.HelmRenderError) as error:
+        render(values)
+    assert expected in str(error.value)
+
+
+def test_every_value_set_meets_the_schema(value_set):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(load_values(value_set))
+
+
+def walk_schema(node: dict, path: str, found: list[str]):
+    """Collect the path of every object schema that has declared properties but allows others."""
+    if "$ref" in node:
+        return
+    if node.get("properties") is not None:
+        if node.get("additionalProperties") is not False:
+            found.append(path)
+        for key, child in node["properties"].items():
+            walk_schema(child, f"{path}/{key}", found)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            walk_schema(node[key], f"{path}[{key}]", found)
+
+
+# Kubernetes types passed through to the pod spec as they are; the API server (and the
+# kubernetes-validate test) checks their contents.
+PASS_THROUGH = {"/extraVolumes[items]"}
+
+
+def test_every_schema_object_refuses_unknown_keys():
+    open_objects = []
+    walk_schema(SCHEMA, "", open_objects)
+    for name, definition in SCHEMA["definitions"].items():
+        walk_schema(definition, f"#{name}", open_objects)
+    assert set(open_objects) == PASS_THROUGH
+
+
+def value_paths(node, prefix=""):
+    """Every key path in values.yaml (maps only; list items are examples)."""
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield f"{prefix}/{key}"
+            yield from value_paths(child, f"{prefix}/{key}")
+
+
+def schema_for(path: str) -> dict | None:
+    node = SCHEMA
+    for key in path.strip("/").split("/"):
+        if "$ref" in node:
+            node = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]
+        props = node.get("properties") or {}
+        if key in props:
+            node = props[key]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            return None
+    return node
+
+
+def test_every_default_value_is_typed_and_described_in_the_schema():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [p for p in value_paths(values) if schema_for(p) is None]
+    assert missing == []
+    top = SCHEMA["properties"]
+    assert set(top) == set(values), "schema and values.yaml declare different top-level keys"
+    undescribed = [k for k, v in top.items() if not v.get("description") and "$ref" not in v]
+    assert undescribed == []
+
+
+def test_every_key_in_values_yaml_has_a_comment():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    uncommented = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        above = lines[number - 1].strip() if number else ""
+        if not above.startswith("#"):
+            uncommented.append(f"{number + 1}: {line.strip()}")
+    assert uncommented == []
