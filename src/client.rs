@@ -2,8 +2,11 @@
 //! grant, and how that client authenticates upstream (contract §3).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use crate::assertion::Signer;
 
 use crate::config::{AuthMethod, ClientsConfig};
 use crate::grant::{CLIENT_ASSERTION_TYPE, FormField, GrantKind};
@@ -28,6 +31,8 @@ enum Method {
     Basic(SecretString),
     Post(SecretString),
     None,
+    /// `private_key_jwt` or `client_secret_jwt`: tokengate signs an assertion per request.
+    Signed(Arc<Signer>),
 }
 
 /// How one request authenticates its client upstream.
@@ -50,6 +55,11 @@ pub enum ClientAuth<'a> {
     },
     /// A public client: `client_id` in the body only.
     Public { client_id: &'a str },
+    /// An assertion tokengate signed for a registered client, plus `client_id`.
+    Signed {
+        client_id: &'a str,
+        assertion: SecretString,
+    },
 }
 
 impl<'a> ClientAuth<'a> {
@@ -58,7 +68,8 @@ impl<'a> ClientAuth<'a> {
         match *self {
             Self::Basic { client_id, .. }
             | Self::Post { client_id, .. }
-            | Self::Public { client_id } => Some(client_id),
+            | Self::Public { client_id }
+            | Self::Signed { client_id, .. } => Some(client_id),
             Self::Assertion { client_id, .. } => client_id,
         }
     }
@@ -78,12 +89,12 @@ impl<'a> ClientAuth<'a> {
 
     /// Appends the body fields of this authentication method.
     pub fn push_fields(&self, out: &mut Vec<FormField<'a>>) {
-        match *self {
+        match self {
             Self::Basic { client_id, .. } | Self::Public { client_id } => {
-                out.push(FormField::plain("client_id", client_id));
+                out.push(FormField::plain("client_id", *client_id));
             }
             Self::Post { client_id, secret } => {
-                out.push(FormField::plain("client_id", client_id));
+                out.push(FormField::plain("client_id", *client_id));
                 out.push(FormField::secret("client_secret", secret));
             }
             Self::Assertion {
@@ -91,13 +102,29 @@ impl<'a> ClientAuth<'a> {
                 assertion,
             } => {
                 if let Some(client_id) = client_id {
-                    out.push(FormField::plain("client_id", client_id));
+                    out.push(FormField::plain("client_id", *client_id));
                 }
                 out.push(FormField::plain(
                     "client_assertion_type",
                     CLIENT_ASSERTION_TYPE,
                 ));
                 out.push(FormField::secret("client_assertion", assertion));
+            }
+            Self::Signed {
+                client_id,
+                assertion,
+            } => {
+                out.push(FormField::plain("client_id", *client_id));
+                out.push(FormField::plain(
+                    "client_assertion_type",
+                    CLIENT_ASSERTION_TYPE,
+                ));
+                // Owned: the assertion was made for this request and lives no longer.
+                out.push(FormField {
+                    name: "client_assertion",
+                    value: assertion.expose_secret().to_owned().into(),
+                    secret: true,
+                });
             }
         }
     }
@@ -112,22 +139,56 @@ pub enum ClientError {
     Missing,
     #[error("client {client_id:?} may not use the {grant} grant")]
     GrantNotAllowed { client_id: String, grant: GrantKind },
+    /// The client's assertion could not be signed: a server-side fault, logged in full.
+    #[error("the client assertion could not be signed")]
+    Signing(String),
 }
 
 impl Clients {
-    /// Indexes the validated config. Fails only for a secret method without a secret,
-    /// which config validation already refuses.
-    pub fn new(config: &ClientsConfig) -> Result<Self, String> {
+    /// The signers whose key files should be watched for changes.
+    pub fn signers(&self) -> Vec<Arc<Signer>> {
+        self.by_id
+            .values()
+            .filter_map(|c| match &c.method {
+                Method::Signed(signer) => Some(signer.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Indexes the validated config and loads signing keys. `token_url` is the default
+    /// audience of signed assertions. Fails only where config validation already refuses.
+    pub fn new(config: &ClientsConfig, token_url: &str) -> Result<Self, String> {
         let mut by_id = HashMap::with_capacity(config.registered.len());
         for c in &config.registered {
-            let method = match (c.auth_method, &c.secret) {
-                (AuthMethod::ClientSecretBasic, Some(secret)) => Method::Basic(secret.clone()),
-                (AuthMethod::ClientSecretPost, Some(secret)) => Method::Post(secret.clone()),
-                (AuthMethod::None, None) => Method::None,
-                (method, _) => {
+            let audience = || {
+                c.assertion_audience
+                    .clone()
+                    .unwrap_or_else(|| token_url.to_owned())
+            };
+            let method = match (c.auth_method, &c.secret, &c.private_key_file) {
+                (AuthMethod::ClientSecretBasic, Some(secret), _) => Method::Basic(secret.clone()),
+                (AuthMethod::ClientSecretPost, Some(secret), _) => Method::Post(secret.clone()),
+                (AuthMethod::None, None, _) => Method::None,
+                (AuthMethod::ClientSecretJwt, Some(secret), _) => Method::Signed(Arc::new(
+                    Signer::with_secret(&c.client_id, c.key_id.clone(), audience(), secret),
+                )),
+                (AuthMethod::PrivateKeyJwt, None, Some(path)) => {
+                    let signer = Signer::with_key_file(
+                        &c.client_id,
+                        c.signing_alg(),
+                        c.key_id.clone(),
+                        audience(),
+                        path,
+                    )
+                    .map_err(|e| format!("client {:?}: {e}", c.client_id))?;
+                    Method::Signed(Arc::new(signer))
+                }
+                (method, _, _) => {
                     return Err(format!(
-                        "client {:?}: auth_method {method:?} does not match its secret",
-                        c.client_id
+                        "client {:?}: auth_method {} does not match its credentials",
+                        c.client_id,
+                        method.as_str()
                     ));
                 }
             };
@@ -186,6 +247,10 @@ impl Clients {
         }
         match registered {
             Some((client_id, client)) => Ok(match &client.method {
+                Method::Signed(signer) => ClientAuth::Signed {
+                    client_id,
+                    assertion: signer.sign().map_err(ClientError::Signing)?,
+                },
                 Method::Basic(secret) => ClientAuth::Basic { client_id, secret },
                 Method::Post(secret) => ClientAuth::Post { client_id, secret },
                 Method::None => ClientAuth::Public { client_id },

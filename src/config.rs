@@ -11,6 +11,7 @@ use figment::providers::{Env, Format as _, Serialized, Toml};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::assertion::{SigningAlg, load_private_key};
 use crate::grant::GrantKind;
 
 /// Prefix of the environment variables that override config keys.
@@ -101,6 +102,36 @@ pub enum AuthMethod {
     ClientSecretPost,
     /// A public client: `client_id` in the body, no secret.
     None,
+    /// An assertion tokengate signs with `private_key_file` (RS256, ES256 or PS256).
+    PrivateKeyJwt,
+    /// An assertion tokengate signs with the client secret (HS256).
+    ClientSecretJwt,
+}
+
+impl AuthMethod {
+    /// The config name of the method.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretPost => "client_secret_post",
+            Self::None => "none",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::ClientSecretJwt => "client_secret_jwt",
+        }
+    }
+
+    /// Whether the method authenticates with the client secret.
+    fn needs_secret(self) -> bool {
+        matches!(
+            self,
+            Self::ClientSecretBasic | Self::ClientSecretPost | Self::ClientSecretJwt
+        )
+    }
+
+    /// Whether tokengate signs a client assertion for the method.
+    fn signs(self) -> bool {
+        matches!(self, Self::PrivateKeyJwt | Self::ClientSecretJwt)
+    }
 }
 
 /// One `[[clients.registered]]` entry.
@@ -125,6 +156,19 @@ pub struct RegisteredClient {
     /// Used when a request names no `client_id`.
     #[serde(default)]
     pub default: bool,
+    /// PKCS#8 (or PKCS#1 RSA) PEM key for `private_key_jwt`; re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_file: Option<PathBuf>,
+    /// JWS algorithm of the signed assertion; default RS256 (`private_key_jwt`) or HS256
+    /// (`client_secret_jwt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_alg: Option<SigningAlg>,
+    /// JWS `kid` header of the signed assertion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// `aud` of the signed assertion; default the token endpoint URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion_audience: Option<String>,
     /// The secret actually used: inline or read from the file at load time.
     #[serde(skip)]
     pub secret: Option<SecretString>,
@@ -265,23 +309,8 @@ impl Config {
                 (None, Some(path)) => Some(read_secret_file(&id, path)?),
                 (None, None) => None,
             };
-            match (client.auth_method, &client.secret) {
-                (AuthMethod::None, Some(_)) => {
-                    return invalid(format!(
-                        "client {id:?}: auth_method \"none\" sends no secret, so remove client_secret"
-                    ));
-                }
-                (AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost, None) => {
-                    return invalid(format!(
-                        "client {id:?}: auth_method {:?} needs client_secret_file or client_secret",
-                        client.auth_method
-                    ));
-                }
-                (_, Some(secret)) if secret.expose_secret().is_empty() => {
-                    return invalid(format!("client {id:?}: the client secret is empty"));
-                }
-                _ => {}
-            }
+            validate_auth(client)
+                .map_err(|e| ConfigError::Invalid(format!("client {id:?}: {e}")))?;
         }
         if defaults.len() > 1 {
             return invalid(format!(
@@ -294,6 +323,71 @@ impl Config {
     /// The effective configuration as TOML, with every secret replaced by `[REDACTED]`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Checks that a client's auth method has exactly the settings it uses, and that a signing
+/// key loads and signs with its algorithm.
+fn validate_auth(client: &RegisteredClient) -> Result<(), String> {
+    let method = client.auth_method;
+    match (&client.secret, method.needs_secret()) {
+        (Some(secret), true) if secret.expose_secret().is_empty() => {
+            return Err("the client secret is empty".into());
+        }
+        (Some(_), false) => {
+            return Err(format!(
+                "auth_method {:?} sends no client secret, so remove client_secret",
+                method.as_str()
+            ));
+        }
+        (None, true) => {
+            return Err(format!(
+                "auth_method {:?} needs client_secret_file or client_secret",
+                method.as_str()
+            ));
+        }
+        _ => {}
+    }
+    if !method.signs() {
+        let set = [
+            ("private_key_file", client.private_key_file.is_some()),
+            ("signing_alg", client.signing_alg.is_some()),
+            ("key_id", client.key_id.is_some()),
+            ("assertion_audience", client.assertion_audience.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, is_set)| *is_set) {
+            return Err(format!(
+                "{key} applies only to auth_method \"private_key_jwt\" or \"client_secret_jwt\""
+            ));
+        }
+        return Ok(());
+    }
+    let alg = client.signing_alg();
+    match (method, &client.private_key_file) {
+        (AuthMethod::PrivateKeyJwt, None) => {
+            Err("auth_method \"private_key_jwt\" needs private_key_file".into())
+        }
+        (AuthMethod::PrivateKeyJwt, Some(_)) if !alg.uses_private_key() => Err(format!(
+            "signing_alg {alg:?} does not sign with a private key; use RS256, ES256 or PS256"
+        )),
+        (AuthMethod::PrivateKeyJwt, Some(path)) => load_private_key(path, alg).map(drop),
+        (_, Some(_)) => {
+            Err("private_key_file applies only to auth_method \"private_key_jwt\"".into())
+        }
+        (_, None) if alg != SigningAlg::HS256 => Err(format!(
+            "auth_method \"client_secret_jwt\" signs with HS256, not {alg:?}"
+        )),
+        (_, None) => Ok(()),
+    }
+}
+
+impl RegisteredClient {
+    /// The assertion algorithm, with the method's default.
+    pub fn signing_alg(&self) -> SigningAlg {
+        self.signing_alg.unwrap_or(match self.auth_method {
+            AuthMethod::ClientSecretJwt => SigningAlg::HS256,
+            _ => SigningAlg::RS256,
+        })
     }
 }
 
@@ -423,7 +517,7 @@ mod tests {
         );
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"\nauth_method = \"none\"\nclient_secret = \"s\"",
-            "sends no secret",
+            "sends no client secret",
         );
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"s\"\nallowed_grants = [\"magic\"]",
@@ -442,6 +536,81 @@ mod tests {
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/secret\"",
             "cannot read client_secret_file",
+        );
+    }
+
+    fn key(name: &str) -> String {
+        format!("{}/tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn signed_assertion_clients_are_validated() {
+        let config = Config::from_toml(&format!(
+            "[[clients.registered]]\nclient_id = \"pk\"\nauth_method = \"private_key_jwt\"\n\
+             private_key_file = \"{}\"\nsigning_alg = \"ES256\"\nkey_id = \"k1\"\n\
+             assertion_audience = \"https://aud.example\"\n\
+             [[clients.registered]]\nclient_id = \"hs\"\nauth_method = \"client_secret_jwt\"\n\
+             client_secret = \"hs-secret\"",
+            key("ec-p256.pem")
+        ))
+        .unwrap();
+        let [pk, hs] = &config.clients.registered[..] else {
+            panic!("two clients")
+        };
+        assert_eq!(pk.signing_alg(), SigningAlg::ES256);
+        assert_eq!(
+            hs.signing_alg(),
+            SigningAlg::HS256,
+            "client_secret_jwt defaults to HS256"
+        );
+
+        let pk = |extra: &str| {
+            format!(
+                "[[clients.registered]]\nclient_id = \"pk\"\nauth_method = \"private_key_jwt\"\n{extra}"
+            )
+        };
+        rejects(&pk(""), "needs private_key_file");
+        rejects(
+            &pk(&format!("private_key_file = \"{}\"", key("ec-p256.pem"))),
+            "RS256",
+        );
+        rejects(
+            &pk(&format!(
+                "private_key_file = \"{}\"\nsigning_alg = \"HS256\"",
+                key("rsa-a.pem")
+            )),
+            "private key",
+        );
+        rejects(
+            &pk(&format!(
+                "private_key_file = \"{}\"\nclient_secret = \"x\"",
+                key("rsa-a.pem")
+            )),
+            "sends no client secret",
+        );
+        rejects(
+            &pk("private_key_file = \"/nonexistent.pem\""),
+            "cannot read private_key_file",
+        );
+        rejects(
+            &pk(&format!(
+                "private_key_file = \"{}\"\nsigning_alg = \"EdDSA\"",
+                key("rsa-a.pem")
+            )),
+            "signing_alg",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"hs\"\nauth_method = \"client_secret_jwt\"\n\
+             client_secret = \"s\"\nsigning_alg = \"RS256\"",
+            "HS256",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"hs\"\nauth_method = \"client_secret_jwt\"",
+            "needs client_secret_file",
+        );
+        rejects(
+            "[[clients.registered]]\nclient_id = \"b\"\nclient_secret = \"s\"\nkey_id = \"k1\"",
+            "key_id applies only",
         );
     }
 

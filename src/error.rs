@@ -66,6 +66,7 @@ fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
         Failure::Client(ClientError::Unknown(_)) => {
             (Code::PermissionDenied, "UNKNOWN_CLIENT", None)
         }
+        Failure::Client(ClientError::Signing(_)) => (Code::Internal, "SIGNING_FAILED", None),
         Failure::Client(ClientError::GrantNotAllowed { .. }) => {
             (Code::PermissionDenied, "GRANT_NOT_ALLOWED", None)
         }

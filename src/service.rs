@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, field};
 
-use crate::client::Clients;
+use crate::client::{ClientError, Clients};
 use crate::error::{CallError, Failure};
 use crate::grant::{FormField, GrantKind, RevokeRequest, TokenRequest};
 use crate::proto::{self, token_service_server::TokenService};
@@ -33,6 +33,11 @@ struct Inner {
 }
 
 impl TokenGate {
+    /// The assertion signers whose key files need watching.
+    pub fn signers(&self) -> Vec<Arc<crate::assertion::Signer>> {
+        self.inner.clients.signers()
+    }
+
     pub fn new(clients: Clients, upstream: Upstream) -> Self {
         Self {
             inner: Arc::new(Inner { clients, upstream }),
@@ -271,6 +276,7 @@ fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallErro
                     let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
                     format!("invalid field(s): {}", fields.join(", "))
                 }
+                Failure::Client(ClientError::Signing(detail)) => detail.clone(),
                 Failure::Client(e) => e.to_string(),
             };
             tracing::info!(parent: span, reason = error.reason(), detail, "call failed");

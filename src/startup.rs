@@ -63,8 +63,9 @@ impl Application {
         let addr = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
-        let clients = Clients::new(&config.clients).map_err(StartupError::Setup)?;
         let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
+        let clients = Clients::new(&config.clients, upstream.token_url().as_str())
+            .map_err(StartupError::Setup)?;
         Ok(Self {
             listener,
             addr,
@@ -103,6 +104,10 @@ impl Application {
             .build_v1alpha()
             .map_err(|e| StartupError::Setup(format!("reflection: {e}")))?;
 
+        // Dropped (and so stopped) when this function returns.
+        let _key_watcher = AbortOnDrop(tokio::spawn(crate::assertion::watch_keys(
+            self.service.signers(),
+        )));
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let signal = async move {
@@ -126,6 +131,15 @@ impl Application {
                 Err(_) => Ok(Drain::TimedOut),
             },
         }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

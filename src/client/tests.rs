@@ -17,6 +17,9 @@ type Pairs = Vec<(String, String)>;
 /// Basic credentials as (client_id, secret).
 type Creds = Option<(String, String)>;
 
+/// The default audience of signed assertions in these tests.
+const TOKEN_URL: &str = "https://platform.example/restapi/oauth/token";
+
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 const ALL_GRANTS: [GrantKind; 12] = [
@@ -62,7 +65,7 @@ fn clients(allow_public: bool, default: Option<&str>) -> Clients {
     }
     let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert_eq!(config.clients.allow_public, allow_public);
-    Clients::new(&config.clients).expect("a validated config always indexes")
+    Clients::new(&config.clients, TOKEN_URL).expect("a validated config always indexes")
 }
 
 fn pairs(expected: &[(&str, &str)]) -> Pairs {
@@ -441,17 +444,26 @@ fn new_refuses_a_method_without_its_secret() {
         auth_method,
         allowed_grants: None,
         default: false,
+        private_key_file: None,
+        signing_alg: None,
+        key_id: None,
+        assertion_audience: None,
         secret: secret.map(SecretString::from),
     };
     for (method, secret) in [
         (AuthMethod::ClientSecretBasic, None),
         (AuthMethod::ClientSecretPost, None),
         (AuthMethod::None, Some("s3cr3t")),
+        (AuthMethod::ClientSecretJwt, None),
+        (AuthMethod::PrivateKeyJwt, None),
     ] {
-        let error = Clients::new(&ClientsConfig {
-            allow_public: true,
-            registered: vec![client(method, secret)],
-        })
+        let error = Clients::new(
+            &ClientsConfig {
+                allow_public: true,
+                registered: vec![client(method, secret)],
+            },
+            TOKEN_URL,
+        )
         .unwrap_err();
         assert!(error.contains("\"odd\""), "{error}");
         assert!(!error.contains("s3cr3t"), "{error}");

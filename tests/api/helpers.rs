@@ -69,6 +69,7 @@ pub struct AppSpec {
     allow_public: bool,
     upstream_extra: String,
     base_url: Option<String>,
+    clients_extra: String,
 }
 
 impl Default for AppSpec {
@@ -77,6 +78,7 @@ impl Default for AppSpec {
             allow_public: true,
             upstream_extra: String::new(),
             base_url: None,
+            clients_extra: String::new(),
         }
     }
 }
@@ -91,6 +93,12 @@ impl AppSpec {
     /// Extra lines for the `[upstream]` section, e.g. `request_timeout = "300ms"`.
     pub fn upstream(mut self, toml_lines: &str) -> Self {
         self.upstream_extra = toml_lines.to_owned();
+        self
+    }
+
+    /// More `[[clients.registered]]` entries, as TOML.
+    pub fn clients(mut self, toml: &str) -> Self {
+        self.clients_extra = toml.to_owned();
         self
     }
 
@@ -138,7 +146,10 @@ auth_method = "none"
 client_id = "{APP_LIMITED}"
 client_secret = "{APP_LIMITED_SECRET}"
 allowed_grants = ["refresh_token"]
+
+{clients_extra}
 "#,
+            clients_extra = self.clients_extra,
             upstream_extra = self.upstream_extra,
             allow_public = self.allow_public,
         );

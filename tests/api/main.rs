@@ -9,3 +9,4 @@ mod exchange;
 mod helpers;
 mod local;
 mod service;
+mod signed;

@@ -53,10 +53,19 @@ fn config(base_url: &str) -> String {
         client_secret = "{CLIENT_SECRET_POST}"
         auth_method = "client_secret_post"
         [[clients.registered]]
+        client_id = "signed-app"
+        auth_method = "private_key_jwt"
+        private_key_file = "{key}"
+        signing_alg = "ES256"
+        [[clients.registered]]
         client_id = "narrow-app"
         client_secret = "{CLIENT_SECRET_POST}"
         allowed_grants = ["device_certificate"]
-        "#
+        "#,
+        key = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/keys/ec-p256.pem"
+        ),
     )
 }
 
@@ -105,6 +114,7 @@ fn every_request() -> Vec<GetTokenRequest> {
         for (client_id, assertion) in [
             ("basic-app", None),
             ("post-app", None),
+            ("signed-app", None),
             ("", Some(CLIENT_ASSERTION)),
         ] {
             requests.push(GetTokenRequest {
@@ -330,6 +340,12 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     for secret in all_secrets() {
         assert!(!logs.contains(&secret), "{secret} appears in the logs");
     }
+    // Assertions tokengate signs are made per call, so look for any JWT: its base64url
+    // header always starts with `eyJ` (`{"`).
+    assert!(
+        !logs.contains("eyJ"),
+        "a signed client assertion appears in the logs"
+    );
 }
 
 #[tokio::test]
