@@ -35,6 +35,10 @@ pub struct ServerConfig {
     /// How long in-flight calls may run after SIGTERM/SIGINT before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
+    /// Calls that may work at once; more wait in the queue.
+    pub max_concurrent_calls: usize,
+    /// Calls that may wait for a turn; more are refused at once (RESOURCE_EXHAUSTED).
+    pub max_queued_calls: usize,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +46,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             shutdown_grace_period: Duration::from_secs(20),
+            max_concurrent_calls: 1024,
+            max_queued_calls: 1024,
         }
     }
 }
@@ -237,6 +243,9 @@ impl Config {
 
     fn validate(&mut self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.server.max_concurrent_calls == 0 {
+            return invalid("server.max_concurrent_calls must be at least 1".into());
+        }
         if self.server.shutdown_grace_period.is_zero() {
             return invalid("server.shutdown_grace_period must be greater than zero".into());
         }

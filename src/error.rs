@@ -26,7 +26,9 @@ const PENDING_RETRY: Duration = Duration::from_secs(5);
 /// 5 s that RFC 8628 §3.5 adds.
 const SLOW_DOWN_RETRY: Duration = Duration::from_secs(10);
 /// Wait suggested for a 429 without `Retry-After` (RingCentral: "30 s or more").
-const RATE_LIMIT_RETRY: Duration = Duration::from_secs(30);
+pub const RATE_LIMIT_RETRY: Duration = Duration::from_secs(30);
+/// Wait suggested when tokengate itself sheds load.
+const OVERLOAD_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a call failed.
 #[derive(Debug)]
@@ -35,6 +37,13 @@ pub enum Failure {
     InvalidRequest(Vec<Violation>),
     /// The client could not be resolved or may not use the grant.
     Client(ClientError),
+    /// Refused locally because the upstream rate-limited this client (or user); the wait
+    /// left is attached.
+    RateLimited(Duration),
+    /// Every slot and queue place is taken.
+    Overloaded,
+    /// The caller's deadline passed before the call could start.
+    DeadlineExceeded,
     /// The upstream refused or failed. `caller_credentials` is true when the caller supplied
     /// the client authentication (a `client_assertion`).
     Upstream {
@@ -70,6 +79,13 @@ fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
         Failure::Client(ClientError::GrantNotAllowed { .. }) => {
             (Code::PermissionDenied, "GRANT_NOT_ALLOWED", None)
         }
+        Failure::RateLimited(wait) => (
+            Code::ResourceExhausted,
+            "UPSTREAM_RATE_LIMITED",
+            Some(*wait),
+        ),
+        Failure::Overloaded => (Code::ResourceExhausted, "OVERLOADED", Some(OVERLOAD_RETRY)),
+        Failure::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", None),
         Failure::Upstream {
             error,
             caller_credentials,
@@ -173,6 +189,14 @@ fn message(error: &CallError) -> String {
             format!("invalid request: {}", fields.join("; "))
         }
         Failure::Client(client) => client.to_string(),
+        Failure::RateLimited(wait) => format!(
+            "not sent: the upstream rate-limited this client; retry in {} s",
+            wait.as_secs_f64().ceil()
+        ),
+        Failure::Overloaded => "tokengate is at capacity; retry shortly".to_owned(),
+        Failure::DeadlineExceeded => {
+            "the call's deadline passed while it waited for a turn".to_owned()
+        }
         Failure::Upstream { error, .. } => upstream_message(error),
     }
 }

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::proto;
 use crate::proto::get_token_request::Grant as ProtoGrant;
 
+/// Longest string accepted in any request field: room for large JWTs, none for abuse.
+pub const MAX_FIELD_BYTES: usize = 8 * 1024;
+
 /// `client_assertion_type` for RFC 7523 client authentication.
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -291,6 +294,21 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
+    /// Whom the request acts for, when it says: the password grant's username or the
+    /// subject of a JWT grant's assertion. Keys the rate-limit guard.
+    pub fn user(&self) -> Option<String> {
+        match &self.grant {
+            Grant::Password { username, .. } => Some(username.clone()),
+            Grant::JwtBearer { assertion } | Grant::PartnerJwt { assertion } => {
+                crate::guard::jwt_subject(assertion.expose_secret())
+            }
+            Grant::PersonalJwt { assertion } => assertion
+                .as_ref()
+                .and_then(|a| crate::guard::jwt_subject(a.expose_secret())),
+            _ => None,
+        }
+    }
+
     /// The form fields of the grant and the common fields; client authentication is added
     /// by [`crate::client::ClientAuth::push_fields`].
     pub fn form_fields(&self) -> Vec<FormField<'_>> {
@@ -331,11 +349,34 @@ struct Checker {
 }
 
 impl Checker {
+    /// Refuses a value longer than [`MAX_FIELD_BYTES`].
+    fn length(&mut self, field: &str, value: &str) {
+        if value.len() > MAX_FIELD_BYTES {
+            self.violations.push(Violation::new(
+                field,
+                format!(
+                    "is {} bytes; at most {MAX_FIELD_BYTES} are accepted",
+                    value.len()
+                ),
+            ));
+        }
+    }
+
     fn required(&mut self, field: &str, value: String) -> String {
         if value.is_empty() {
             self.violations.push(Violation::new(field, "is required"));
         }
+        self.length(field, &value);
         value
+    }
+
+    fn optional(&mut self, field: &str, value: String) -> Option<String> {
+        self.length(field, &value);
+        (!value.is_empty()).then_some(value)
+    }
+
+    fn optional_secret(&mut self, field: &str, value: String) -> Option<SecretString> {
+        self.optional(field, value).map(SecretString::from)
     }
 
     fn required_secret(&mut self, field: &str, value: String) -> SecretString {
@@ -374,14 +415,6 @@ impl Checker {
     }
 }
 
-fn optional(value: String) -> Option<String> {
-    (!value.is_empty()).then_some(value)
-}
-
-fn optional_secret(value: String) -> Option<SecretString> {
-    optional(value).map(SecretString::from)
-}
-
 impl TryFrom<proto::GetTokenRequest> for TokenRequest {
     type Error = Vec<Violation>;
 
@@ -413,6 +446,8 @@ impl TryFrom<proto::GetTokenRequest> for TokenRequest {
                 check
                     .violations
                     .push(Violation::new(format!("scopes[{i}]"), "must not be empty"));
+            } else if scope.len() > MAX_FIELD_BYTES {
+                check.length(&format!("scopes[{i}]"), scope);
             } else if scope.chars().any(char::is_whitespace) {
                 check.violations.push(Violation::new(
                     format!("scopes[{i}]"),
@@ -423,15 +458,21 @@ impl TryFrom<proto::GetTokenRequest> for TokenRequest {
         let access_token_ttl = check.ttl("access_token_ttl", access_token_ttl);
         let refresh_token_ttl = check.ttl("refresh_token_ttl", refresh_token_ttl);
         let client_assertion = check.client_assertion("client_assertion", client_assertion);
-        check.finish(|| Self {
-            grant: grant.expect("a missing grant is a violation, so finish() returned early"),
-            client_id: optional(client_id),
-            client_assertion,
-            scopes,
-            endpoint_id: optional(endpoint_id),
-            access_token_ttl,
-            refresh_token_ttl,
-        })
+        let client_id = check.optional("client_id", client_id);
+        let endpoint_id = check.optional("endpoint_id", endpoint_id);
+        match grant {
+            Some(grant) if check.violations.is_empty() => Ok(Self {
+                grant,
+                client_id,
+                client_assertion,
+                scopes,
+                endpoint_id,
+                access_token_ttl,
+                refresh_token_ttl,
+            }),
+            // A missing grant is itself a violation.
+            _ => Err(check.violations),
+        }
     }
 }
 
@@ -447,8 +488,8 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
             code_verifier,
         }) => Grant::AuthorizationCode {
             code: check.required_secret("authorization_code.code", code),
-            redirect_uri: optional(redirect_uri),
-            code_verifier: optional_secret(code_verifier),
+            redirect_uri: check.optional("authorization_code.redirect_uri", redirect_uri),
+            code_verifier: check.optional_secret("authorization_code.code_verifier", code_verifier),
         },
         ProtoGrant::Password(proto::PasswordGrant {
             username,
@@ -458,8 +499,8 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
         }) => Grant::Password {
             username: check.required("password.username", username),
             password: check.required_secret("password.password", password),
-            extension: optional(extension),
-            pin: optional_secret(pin),
+            extension: check.optional("password.extension", extension),
+            pin: check.optional_secret("password.pin", pin),
         },
         ProtoGrant::JwtBearer(proto::JwtBearerGrant { assertion }) => Grant::JwtBearer {
             assertion: check.required_secret("jwt_bearer.assertion", assertion),
@@ -489,7 +530,10 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
                     partner_account_id,
                 }) => Subject::Brand {
                     brand_id: check.required("client_credentials.brand.brand_id", brand_id),
-                    partner_account_id: optional(partner_account_id),
+                    partner_account_id: check.optional(
+                        "client_credentials.brand.partner_account_id",
+                        partner_account_id,
+                    ),
                 },
             });
             Grant::ClientCredentials { subject }
@@ -502,12 +546,12 @@ fn grant_from_proto(check: &mut Checker, grant: ProtoGrant) -> Grant {
             resource_type,
             resource,
         }) => Grant::Guest {
-            brand_id: optional(brand_id),
-            resource_type: optional(resource_type),
-            resource: optional(resource),
+            brand_id: check.optional("guest.brand_id", brand_id),
+            resource_type: check.optional("guest.resource_type", resource_type),
+            resource: check.optional("guest.resource", resource),
         },
         ProtoGrant::PersonalJwt(proto::PersonalJwtGrant { assertion }) => Grant::PersonalJwt {
-            assertion: optional_secret(assertion),
+            assertion: check.optional_secret("personal_jwt.assertion", assertion),
         },
         ProtoGrant::DeviceCertificate(proto::DeviceCertificateGrant {}) => Grant::DeviceCertificate,
     }
@@ -525,9 +569,10 @@ impl TryFrom<proto::RevokeTokenRequest> for RevokeRequest {
         let mut check = Checker::default();
         let token = check.required_secret("token", token);
         let client_assertion = check.client_assertion("client_assertion", client_assertion);
+        let client_id = check.optional("client_id", client_id);
         check.finish(|| Self {
             token,
-            client_id: optional(client_id),
+            client_id,
             client_assertion,
         })
     }

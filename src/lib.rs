@@ -4,11 +4,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod assertion;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod grant;
+pub mod guard;
 pub mod proto;
 pub mod service;
 pub mod startup;

@@ -10,11 +10,18 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, field};
 
+use crate::admission::{Admission, Refusal};
 use crate::client::{ClientError, Clients};
+use crate::error::RATE_LIMIT_RETRY;
 use crate::error::{CallError, Failure};
 use crate::grant::{FormField, GrantKind, RevokeRequest, TokenRequest};
+use crate::guard::{GuardKey, RateLimitGuard};
 use crate::proto::{self, token_service_server::TokenService};
-use crate::upstream::{Outgoing, Token, Upstream, UpstreamError};
+use crate::upstream::{Outgoing, Replay, Token, Upstream, UpstreamError, UpstreamErrorKind};
+
+/// How long after a refresh RingCentral answers the same refresh token identically, so a
+/// re-send cannot spend it twice (upstream reference §9: "about 10 s").
+const REFRESH_REPLAY_WINDOW: Duration = Duration::from_secs(10);
 
 /// tonic's own `grpc-timeout` layer answers CANCELLED at the caller's deadline; ending the
 /// upstream call this much earlier lets us answer DEADLINE_EXCEEDED as the contract says.
@@ -30,6 +37,8 @@ pub struct TokenGate {
 struct Inner {
     clients: Clients,
     upstream: Upstream,
+    guard: RateLimitGuard,
+    admission: Admission,
 }
 
 impl TokenGate {
@@ -38,10 +47,38 @@ impl TokenGate {
         self.inner.clients.signers()
     }
 
-    pub fn new(clients: Clients, upstream: Upstream) -> Self {
+    pub fn new(clients: Clients, upstream: Upstream, admission: Admission) -> Self {
         Self {
-            inner: Arc::new(Inner { clients, upstream }),
+            inner: Arc::new(Inner {
+                clients,
+                upstream,
+                guard: RateLimitGuard::default(),
+                admission,
+            }),
         }
+    }
+
+    /// Refuses what the upstream is rate-limiting anyway, then waits for a turn.
+    async fn admit(
+        &self,
+        call: &Call,
+        user: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
+        let client_id = call.client_id.as_deref().unwrap_or_default();
+        if let Some(wait) = self.inner.guard.remaining(client_id, user) {
+            return Err(call.fail(Failure::RateLimited(wait)));
+        }
+        self.inner
+            .admission
+            .admit(deadline)
+            .await
+            .map_err(|refusal| {
+                call.fail(match refusal {
+                    Refusal::Overloaded => Failure::Overloaded,
+                    Refusal::DeadlineExceeded => Failure::DeadlineExceeded,
+                })
+            })
     }
 
     /// Resolves the client and builds the POST: the request's own fields, then client
@@ -53,6 +90,7 @@ impl TokenGate {
         assertion: Option<&'a SecretString>,
         grant: Option<GrantKind>,
         mut fields: Vec<FormField<'a>>,
+        replay: Replay,
     ) -> Result<(Outgoing<'a>, bool), CallError> {
         let auth = self
             .inner
@@ -64,6 +102,7 @@ impl TokenGate {
         let outgoing = Outgoing {
             fields,
             basic: auth.basic(),
+            replay,
         };
         Ok((outgoing, auth.from_caller()))
     }
@@ -79,15 +118,24 @@ impl TokenGate {
         );
         let request = TokenRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
+        let kind = request.grant.kind();
+        let replay = match kind {
+            GrantKind::AuthorizationCode => Replay::Never,
+            GrantKind::RefreshToken => Replay::Within(REFRESH_REPLAY_WINDOW),
+            _ => Replay::Always,
+        };
         let (outgoing, caller_credentials) = self.outgoing(
             &mut call,
             request.client_id.as_deref(),
             request.client_assertion.as_ref(),
-            Some(request.grant.kind()),
+            Some(kind),
             request.form_fields(),
+            replay,
         )?;
+        let user = request.user();
+        let _turn = self.admit(&call, user.as_deref(), deadline).await?;
         let result = self.inner.upstream.token(&outgoing, deadline).await;
-        call.upstream(result, caller_credentials)
+        call.upstream(result, caller_credentials, &self.inner.guard, user)
     }
 
     async fn revoke(
@@ -104,9 +152,11 @@ impl TokenGate {
             request.client_assertion.as_ref(),
             None,
             request.form_fields(),
+            Replay::Always,
         )?;
+        let _turn = self.admit(&call, None, deadline).await?;
         let result = self.inner.upstream.revoke(&outgoing, deadline).await;
-        call.upstream(result, caller_credentials)
+        call.upstream(result, caller_credentials, &self.inner.guard, None)
     }
 }
 
@@ -148,12 +198,24 @@ impl Call {
         }
     }
 
-    /// Labels an upstream failure.
+    /// Labels an upstream failure, and after a 429 stops further sends for this client (or
+    /// user) until the upstream's wait has passed.
     fn upstream<T>(
         &self,
         result: Result<T, UpstreamError>,
         caller_credentials: bool,
+        guard: &RateLimitGuard,
+        user: Option<String>,
     ) -> Result<T, CallError> {
+        if let Err(error) = &result
+            && error.kind == UpstreamErrorKind::RateLimited
+        {
+            let key = GuardKey {
+                client_id: self.client_id.clone().unwrap_or_default(),
+                user,
+            };
+            guard.penalise(key, error.retry_after.unwrap_or(RATE_LIMIT_RETRY));
+        }
         result.map_err(|error| {
             self.fail(Failure::Upstream {
                 error,
@@ -278,6 +340,9 @@ fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallErro
                 }
                 Failure::Client(ClientError::Signing(detail)) => detail.clone(),
                 Failure::Client(e) => e.to_string(),
+                Failure::RateLimited(_) | Failure::Overloaded | Failure::DeadlineExceeded => {
+                    "refused locally".to_owned()
+                }
             };
             tracing::info!(parent: span, reason = error.reason(), detail, "call failed");
         }

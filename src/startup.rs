@@ -11,11 +11,19 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admission::Admission;
 use crate::client::Clients;
 use crate::config::Config;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::service::TokenGate;
 use crate::upstream::Upstream;
+
+/// Largest GetToken/RevokeToken message accepted: every field is capped at 8 KiB
+/// (`grant::MAX_FIELD_BYTES`), so a valid request is far smaller.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// HTTP/2 streams one connection may have open; more wait at the client.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// The health name of the token service.
 pub const SERVICE_NAME: &str = "tokengate.v1.TokenService";
@@ -70,7 +78,14 @@ impl Application {
             listener,
             addr,
             grace: config.server.shutdown_grace_period,
-            service: TokenGate::new(clients, upstream),
+            service: TokenGate::new(
+                clients,
+                upstream,
+                Admission::new(
+                    config.server.max_concurrent_calls,
+                    config.server.max_queued_calls,
+                ),
+            ),
         })
     }
 
@@ -117,11 +132,18 @@ impl Application {
             let _ = started_tx.send(());
         };
         tracing::info!(addr = %self.addr, "listening");
+        let token_service =
+            TokenServiceServer::new(self.service).max_decoding_message_size(MAX_REQUEST_BYTES);
         let server = Server::builder()
+            // Find dead peers (and keep NAT/LB state alive) without waiting for TCP.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(TokenServiceServer::new(self.service))
+            .add_service(token_service)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);
         tokio::select! {

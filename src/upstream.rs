@@ -9,12 +9,19 @@ use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Deserializer};
 use tokio::time::Instant;
+use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::config::UpstreamConfig;
 use crate::grant::FormField;
 
 /// Largest body read from the upstream (contract §6).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Most attempts one call makes, the first included.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// First backoff after a failed connection; it doubles per attempt, with full jitter.
+const CONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// `User-Agent` and `X-User-Agent` (RingCentral's SDKs send both).
 pub const AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
@@ -26,6 +33,21 @@ const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 pub struct Outgoing<'a> {
     pub fields: Vec<FormField<'a>>,
     pub basic: Option<(&'a str, &'a SecretString)>,
+    /// Whether the request may be sent again after a failure.
+    pub replay: Replay,
+}
+
+/// When a request may be sent again. Whatever this says, a request is never re-sent after
+/// a 400, and only a 429 or 503 that names its wait in `Retry-After` is waited out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Never: the grant works once (an authorization code).
+    Never,
+    /// Whenever it is safe: the upstream answers a repeat as it answered the first.
+    Always,
+    /// Only this long after the first send: RingCentral answers a repeated refresh
+    /// identically for about 10 s, after which the old refresh token is spent.
+    Within(Duration),
 }
 
 impl Outgoing<'_> {
@@ -51,12 +73,25 @@ impl Outgoing<'_> {
 }
 
 /// The token endpoint and the revocation endpoint of one authorization server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Upstream {
     http: reqwest::Client,
     token_url: Url,
     revoke_url: Url,
     request_timeout: Duration,
+    /// Retries may add at most about a fifth to the upstream's load (plus a trickle), so a
+    /// failing upstream is not hammered by every caller's retries at once.
+    budget: std::sync::Arc<TpsBudget>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("token_url", &self.token_url.as_str())
+            .field("revoke_url", &self.revoke_url.as_str())
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A successful token response, secrets wrapped, with the time it arrived.
@@ -133,6 +168,8 @@ pub struct UpstreamError {
     pub retry_after: Option<Duration>,
     /// Boxed: most failures carry none, and it keeps `Result`s small.
     pub oauth: Option<Box<OAuthError>>,
+    /// The request never reached the upstream (the connection failed), so it may be re-sent.
+    pub not_sent: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -159,6 +196,7 @@ impl UpstreamError {
             request_id: None,
             retry_after: None,
             oauth: None,
+            not_sent: false,
         }
     }
 }
@@ -180,6 +218,7 @@ impl Reply {
             request_id: self.request_id.clone(),
             retry_after: self.retry_after,
             oauth: oauth.map(Box::new),
+            not_sent: false,
         }
     }
 }
@@ -209,6 +248,7 @@ impl Upstream {
             token_url: join(&config.token_path)?,
             revoke_url: join(&config.revoke_path)?,
             request_timeout: config.request_timeout,
+            budget: std::sync::Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
         })
     }
 
@@ -255,26 +295,79 @@ impl Upstream {
         if callers && until <= Instant::now() {
             return Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded));
         }
-        let mut builder = self
-            .http
-            .post(url.clone())
-            .header(CONTENT_TYPE, FORM_CONTENT_TYPE)
-            .body(request.body());
-        if let Some((client_id, secret)) = request.basic {
-            builder = builder.basic_auth(client_id, Some(secret.expose_secret()));
-        }
-        match tokio::time::timeout_at(until, send(builder)).await {
-            Ok(result) => result,
-            Err(_elapsed) if callers => {
-                Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))
+        self.budget.deposit();
+        let body = request.body();
+        let first_sent = Instant::now();
+        let mut attempt = 1;
+        loop {
+            let mut builder = self
+                .http
+                .post(url.clone())
+                .header(CONTENT_TYPE, FORM_CONTENT_TYPE)
+                .body(body.clone());
+            if let Some((client_id, secret)) = request.basic {
+                builder = builder.basic_auth(client_id, Some(secret.expose_secret()));
             }
-            Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
+            let result = match tokio::time::timeout_at(until, send(builder)).await {
+                Ok(result) => result,
+                Err(_elapsed) if callers => {
+                    Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))
+                }
+                Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
+            };
+            let Some(wait) = retry_wait(&result, request.replay, attempt, first_sent) else {
+                return result;
+            };
+            if attempt >= MAX_ATTEMPTS || Instant::now() + wait >= until || !self.budget.withdraw()
+            {
+                return result;
+            }
+            tracing::debug!(
+                attempt,
+                wait_ms = wait.as_millis(),
+                "sending the request again"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
     }
 }
 
+/// How long to wait before sending again, when the outcome allows another attempt.
+fn retry_wait(
+    result: &Result<Reply, UpstreamError>,
+    replay: Replay,
+    attempt: u32,
+    first_sent: Instant,
+) -> Option<Duration> {
+    if replay == Replay::Never {
+        return None;
+    }
+    match result {
+        // Nothing reached the upstream, so sending again is safe for any replayable grant.
+        Err(error) if error.not_sent => {
+            let ceiling = CONNECT_BACKOFF.saturating_mul(1 << (attempt - 1).min(8));
+            Some(Duration::from_millis(fastrand::u64(
+                0..=ceiling.as_millis() as u64,
+            )))
+        }
+        Ok(reply) if matches!(reply.status.as_u16(), 429 | 503) => {
+            let wait = reply.retry_after?;
+            match replay {
+                Replay::Within(window) if first_sent.elapsed() + wait >= window => None,
+                _ => Some(wait),
+            }
+        }
+        _ => None,
+    }
+}
+
 async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> {
-    let mut response = builder.send().await.map_err(|e| unavailable(None, &e))?;
+    let mut response = builder.send().await.map_err(|e| UpstreamError {
+        // A failed connect means the request never left; anything later may have.
+        not_sent: e.is_connect(),
+        ..unavailable(None, &e)
+    })?;
     let received_at = SystemTime::now();
     let status = response.status();
     // The caller's span declares this field (see `service`).
@@ -486,6 +579,7 @@ mod tests {
         let request = Outgoing {
             fields: vec![FormField::secret("password", &secret)],
             basic: None,
+            replay: Replay::Always,
         };
         let body = r#"{"error":"invalid_grant","error_description":"password pa55-word is wrong"}"#;
         let error = decode_failure(&reply(400, body), &request);
@@ -501,6 +595,7 @@ mod tests {
         let request = Outgoing {
             fields: vec![],
             basic: None,
+            replay: Replay::Always,
         };
         let token = decode_token(
             &reply(200, r#"{"access_token":"a","expires_in":"3600","x":[1]}"#),

@@ -86,6 +86,7 @@ fn auth_fields(auth: &ClientAuth<'_>) -> (String, Pairs) {
     let raw = Outgoing {
         fields,
         basic: auth.basic(),
+        replay: crate::upstream::Replay::Always,
     }
     .body();
     let decoded = decode(&raw);
@@ -526,6 +527,7 @@ fn send(clients: &Clients, request: proto::GetTokenRequest) -> Sent {
     let outgoing = Outgoing {
         fields,
         basic: auth.basic(),
+        replay: crate::upstream::Replay::Always,
     };
     let raw = outgoing.body();
     Sent {
@@ -799,6 +801,7 @@ fn full_revoke_bodies() {
         let outgoing = Outgoing {
             fields,
             basic: auth.basic(),
+            replay: crate::upstream::Replay::Always,
         };
         assert_eq!(decode(&outgoing.body()), body, "{client_id:?}");
         assert_eq!(basic(&auth), basic_creds, "{client_id:?}");

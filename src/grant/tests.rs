@@ -30,6 +30,7 @@ fn body(fields: Vec<FormField<'_>>) -> String {
     Outgoing {
         fields,
         basic: None,
+        replay: crate::upstream::Replay::Always,
     }
     .body()
 }
