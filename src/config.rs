@@ -65,6 +65,11 @@ pub struct UpstreamConfig {
     /// Upper bound on one upstream call; the caller's deadline can only shorten it.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Permit a plain `http://` base_url (local tests and development only).
+    pub allow_insecure_http: bool,
+    /// Extra trust roots (PEM) for the upstream, beside the built-in webpki roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -75,6 +80,8 @@ impl Default for UpstreamConfig {
             revoke_path: "/restapi/oauth/revoke".to_owned(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            allow_insecure_http: false,
+            ca_file: None,
         }
     }
 }
@@ -259,6 +266,18 @@ impl Config {
                 "upstream.base_url must be an http:// or https:// URL with a host".into(),
             );
         }
+        if url.scheme() == "http" && !upstream.allow_insecure_http {
+            return invalid(
+                "upstream.base_url is plain http://, which would send client secrets unencrypted; \
+                 use https:// or set upstream.allow_insecure_http = true (local testing only)"
+                    .into(),
+            );
+        }
+        if let Some(path) = &upstream.ca_file
+            && let Err(e) = load_ca_file(path)
+        {
+            return invalid(format!("upstream.ca_file: {e}"));
+        }
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
             return invalid(format!(
                 "upstream.base_url must be the server root with no path (got path {:?}); \
@@ -400,6 +419,17 @@ impl RegisteredClient {
     }
 }
 
+/// Reads a PEM bundle of trust roots; it must hold at least one certificate.
+pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Reads a secret file, dropping one trailing newline (editors and `echo` add one).
 fn read_secret_file(client_id: &str, path: &Path) -> Result<SecretString, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -446,6 +476,7 @@ mod tests {
             shutdown_grace_period = "1m 5s"
             [upstream]
             base_url = "http://127.0.0.1:8080"
+            allow_insecure_http = true
             request_timeout = "500ms"
             [clients]
             allow_public = false

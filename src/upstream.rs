@@ -234,7 +234,17 @@ impl Upstream {
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
         headers.insert("x-user-agent", HeaderValue::from_static(AGENT));
+        // webpki's roots, not the host's: the same trust everywhere, distroless included.
+        let mut roots: Vec<reqwest::Certificate> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+            .collect();
+        if let Some(path) = &config.ca_file {
+            roots.extend(crate::config::load_ca_file(path)?);
+        }
         let http = reqwest::Client::builder()
+            .tls_certs_only(roots)
+            .https_only(!config.allow_insecure_http)
             .default_headers(headers)
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)

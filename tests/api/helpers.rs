@@ -122,6 +122,7 @@ shutdown_grace_period = "5s"
 
 [upstream]
 base_url = "{base_url}"
+allow_insecure_http = true
 {upstream_extra}
 
 [clients]

@@ -128,6 +128,7 @@ fn environment_overrides_file_and_defaults() {
     let env = [
         ("TOKENGATE_UPSTREAM__REQUEST_TIMEOUT", "7s"),
         ("TOKENGATE_UPSTREAM__BASE_URL", "http://127.0.0.1:9"),
+        ("TOKENGATE_UPSTREAM__ALLOW_INSECURE_HTTP", "true"),
         ("TOKENGATE_CLIENTS__ALLOW_PUBLIC", "false"),
     ];
     let (code, stdout, stderr) = run(
@@ -301,4 +302,29 @@ fn the_example_config_in_the_repository_is_valid() {
         stdout.contains(r#"allowed_grants = ["jwt_bearer", "refresh_token"]"#),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_plain_http_upstream_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = [("TOKENGATE_UPSTREAM__BASE_URL", "http://upstream.example")];
+    let (code, _, stderr) = run(&["check-config"], &plain, dir.path());
+    assert_eq!(code, 64);
+    assert!(stderr.contains("allow_insecure_http"), "{stderr}");
+    let allowed = [
+        plain[0],
+        ("TOKENGATE_UPSTREAM__ALLOW_INSECURE_HTTP", "true"),
+    ];
+    let (code, _, stderr) = run(&["check-config"], &allowed, dir.path());
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn an_extra_upstream_ca_must_be_a_pem_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = write(dir.path(), "ca.pem", "not a certificate");
+    let env = [("TOKENGATE_UPSTREAM__CA_FILE", not_pem.to_str().unwrap())];
+    let (code, _, stderr) = run(&["check-config"], &env, dir.path());
+    assert_eq!(code, 64);
+    assert!(stderr.contains("ca_file"), "{stderr}");
 }

@@ -41,6 +41,7 @@ fn config(base_url: &str) -> String {
         shutdown_grace_period = "5s"
         [upstream]
         base_url = "{base_url}"
+        allow_insecure_http = true
         request_timeout = "300ms"
         [clients]
         allow_public = false

@@ -20,6 +20,7 @@ fn config(upstream: &MockServer, grace: &str) -> String {
         shutdown_grace_period = "{grace}"
         [upstream]
         base_url = "{}"
+        allow_insecure_http = true
         [[clients.registered]]
         client_id = "svc"
         client_secret = "svc-secret"

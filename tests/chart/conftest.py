@@ -31,9 +31,9 @@ def load_values(name: str) -> dict:
     return yaml.safe_load((VALUES_DIR / f"{name}.yaml").read_text()) or {}
 
 
-def render(values: dict | None = None, *, name: str = RELEASE) -> dict[str, str]:
+def render(values: dict | None = None, *, name: str = RELEASE, chart_dir: Path = CHART) -> dict[str, str]:
     """Template path -> rendered text, as `helm template` would produce it."""
-    with helm.Chart.load(CHART) as chart:
+    with helm.Chart.load(chart_dir) as chart:
         return chart.render(values=values, name=name, namespace=NAMESPACE)
 
 
@@ -50,9 +50,9 @@ def manifests(rendered: dict[str, str]) -> list[dict]:
 class Rendered:
     """One render of the chart, with accessors for the objects the tests look at."""
 
-    def __init__(self, values: dict | None):
+    def __init__(self, values: dict | None, *, chart_dir: Path = CHART):
         self.values = values
-        self.files = render(values)
+        self.files = render(values, chart_dir=chart_dir)
         self.docs = manifests(self.files)
 
     def all(self, kind: str) -> list[dict]:

@@ -1,17 +1,22 @@
 """The chart cannot drift from the binary: the rendered config is one `tokengate check-config`
-accepts, and the pod spec (ports, probes, mounts, grace period) agrees with that config."""
+accepts, the pod spec (ports, probes, mounts, grace period) agrees with that config, and the
+schema admits the client settings the binary admits, method by method."""
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
+import shutil
 import subprocess
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import helm_python as helm
 import pytest
 
-from conftest import Rendered, load_values
+from conftest import CHART, REPO, Rendered, load_values
 
 LIVENESS_SERVICE = ""
 READINESS_SERVICE = "tokengate.v1.TokenService"
@@ -35,12 +40,31 @@ def secret_mount(r: Rendered) -> dict | None:
     return mounts[0] if mounts else None
 
 
+# The chart writes these client keys itself, from secret.mountPath and the client's secretKey.
+CREDENTIAL_FILE_KEYS = ("client_secret_file", "private_key_file")
+
+# Test-only keys (tests/fixtures/keys) that sign with each private-key algorithm.
+FIXTURE_KEYS = REPO / "tests" / "fixtures" / "keys"
+FIXTURE_KEY_FOR_ALG = {"RS256": "rsa-a.pem", "PS256": "rsa-a.pem", "ES256": "ec-p256.pem"}
+BINARY_DEFAULT_PRIVATE_KEY_ALG = "RS256"
+
+
+def registered(r: Rendered) -> list[dict]:
+    return r.config["clients"].get("registered", [])
+
+
 def secret_files(r: Rendered) -> list[str]:
-    return [
-        c["client_secret_file"]
-        for c in r.config["clients"].get("registered", [])
-        if "client_secret_file" in c
-    ]
+    """Every credential file the rendered config reads: client secrets and private keys."""
+    return [c[key] for c in registered(r) for key in CREDENTIAL_FILE_KEYS if key in c]
+
+
+def private_key_algs(r: Rendered) -> dict[str, str]:
+    """File name of each rendered private_key_file -> the algorithm the binary will sign with."""
+    return {
+        posixpath.basename(c["private_key_file"]): c.get("signing_alg", BINARY_DEFAULT_PRIVATE_KEY_ALG)
+        for c in registered(r)
+        if "private_key_file" in c
+    }
 
 
 def container_env(r: Rendered) -> dict[str, str]:
@@ -50,16 +74,28 @@ def container_env(r: Rendered) -> dict[str, str]:
 
 def check_config(tokengate_bin, r: Rendered, tmp_path) -> subprocess.CompletedProcess:
     """Run `tokengate check-config` on the rendered ConfigMap text, with the container's
-    environment, and the secret files written under tmp_path instead of the mount path."""
+    environment, and the secret files written under tmp_path instead of the mount path.
+    A chart-rendered Secret supplies its own values; for an existing Secret, each mounted
+    private key is a real PEM fixture for the client's algorithm, and every other key any
+    non-empty secret."""
     text = r.config_text
     files = secret_files(r)
     if files:
         mount = secret_mount(r)["mountPath"]
         secrets = r.secret_data()
-        if secrets is None:  # existingSecret: any non-empty value per key the pod mounts
-            secrets = {i["key"]: f"secret-for-{i['key']}" for i in secret_volume(r)["secret"]["items"]}
-        for item in secret_volume(r)["secret"]["items"]:
-            (tmp_path / item["path"]).write_text(secrets[item["key"]] + "\n")
+        items = secret_volume(r)["secret"]["items"]
+        if secrets is None:
+            algs = private_key_algs(r)
+            secrets = {
+                i["key"]: (
+                    (FIXTURE_KEYS / FIXTURE_KEY_FOR_ALG.get(algs[i["path"]], "rsa-a.pem")).read_text()
+                    if i["path"] in algs
+                    else f"secret-for-{i['key']}\n"
+                )
+                for i in items
+            }
+        for item in items:
+            (tmp_path / item["path"]).write_text(secrets[item["key"]])
         needle = f'"{mount}/'
         assert text.count(needle) == len(files), (needle, text)
         text = text.replace(needle, f'"{tmp_path}/')
@@ -144,6 +180,8 @@ def test_secret_mount_path_is_where_the_config_looks(rendered):
         assert mount is None and volume is None
         return
     assert mount["readOnly"] is True
+    # Not a subPath mount: the kubelet then never updates the files of a rotated Secret.
+    assert "subPath" not in mount and "subPathExpr" not in mount
     assert {posixpath.dirname(f) for f in files} == {mount["mountPath"]}
     items = volume["secret"]["items"]
     assert sorted(posixpath.basename(f) for f in files) == sorted(i["path"] for i in items)
@@ -284,3 +322,166 @@ def test_topology_spread_gets_the_pod_selector(rendered_sets):
     r = rendered_sets["production"]
     (constraint,) = r.pod_spec["topologySpreadConstraints"]
     assert constraint["labelSelector"]["matchLabels"] == r.deployment["spec"]["selector"]["matchLabels"]
+
+
+# --- Signed client assertions (private_key_jwt, client_secret_jwt) ---------------------------
+
+
+def test_each_client_reads_the_credential_file_of_its_method(rendered):
+    expected = {"none": set(), "private_key_jwt": {"private_key_file"}}
+    for client in registered(rendered):
+        method = client["auth_method"]
+        present = {key for key in CREDENTIAL_FILE_KEYS if key in client}
+        assert present == expected.get(method, {"client_secret_file"}), client
+
+
+def test_every_private_key_file_is_in_the_read_only_secret_mount(rendered_sets):
+    # Some value set has a private_key_jwt client, so this is not vacuous.
+    with_keys = {name: r for name, r in rendered_sets.items() if private_key_algs(r)}
+    assert with_keys, "no value set renders a private_key_file"
+    for name, r in with_keys.items():
+        mount, volume = secret_mount(r), secret_volume(r)
+        assert mount["readOnly"] is True, name
+        assert "subPath" not in mount, name
+        paths = {i["path"]: i["key"] for i in volume["secret"]["items"]}
+        for client in registered(r):
+            if "private_key_file" not in client:
+                continue
+            path = client["private_key_file"]
+            assert posixpath.dirname(path) == mount["mountPath"], (name, path)
+            (values_client,) = [
+                c for c in r.values["config"]["clients"]["registered"] if c["client_id"] == client["client_id"]
+            ]
+            key = values_client.get("secretKey", f"{client['client_id']}.pem")
+            assert paths[posixpath.basename(path)] == key, (name, path)
+
+
+def with_private_key_client(client: dict, key: str, pem: str) -> dict:
+    """The dev values plus a private_key_jwt client whose PEM is in the chart-rendered Secret."""
+    values = load_values("dev")
+    values["config"]["clients"]["registered"].append(client)
+    values["secret"]["values"][key] = pem
+    return values
+
+
+@pytest.mark.parametrize("alg", [None, "RS256", "PS256", "ES256"])
+def test_a_chart_rendered_secret_carries_a_private_key(alg, tokengate_bin, tmp_path):
+    pem = (FIXTURE_KEYS / FIXTURE_KEY_FOR_ALG[alg or BINARY_DEFAULT_PRIVATE_KEY_ALG]).read_text()
+    client = {"client_id": "dev-pk", "auth_method": "private_key_jwt", "key_id": "k1"}
+    if alg:
+        client["signing_alg"] = alg
+    r = Rendered(with_private_key_client(client, "dev-pk.pem", pem))
+    assert r.secret_data()["dev-pk.pem"] == pem
+    (rendered_client,) = [c for c in registered(r) if c["client_id"] == "dev-pk"]
+    assert rendered_client["private_key_file"] == posixpath.join(secret_mount(r)["mountPath"], "dev-pk.pem")
+    assert "client_secret_file" not in rendered_client
+    proc = check_config(tokengate_bin, r, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "PRIVATE KEY" not in proc.stdout
+
+
+def test_check_config_refuses_a_private_key_that_cannot_sign_its_alg(tokengate_bin, tmp_path):
+    # The same pipeline is not vacuous for keys: an RSA key cannot sign ES256.
+    pem = (FIXTURE_KEYS / "rsa-a.pem").read_text()
+    client = {"client_id": "dev-pk", "auth_method": "private_key_jwt", "signing_alg": "ES256"}
+    proc = check_config(tokengate_bin, Rendered(with_private_key_client(client, "dev-pk.pem", pem)), tmp_path)
+    assert proc.returncode == 64, proc
+    assert "ES256" in proc.stderr and "dev-pk" in proc.stderr
+
+
+def test_a_custom_secret_key_names_the_private_key_file():
+    pem = (FIXTURE_KEYS / "rsa-a.pem").read_text()
+    client = {"client_id": "dev-pk", "auth_method": "private_key_jwt", "secretKey": "keys.dev-pk"}
+    r = Rendered(with_private_key_client(client, "keys.dev-pk", pem))
+    (rendered_client,) = [c for c in registered(r) if c["client_id"] == "dev-pk"]
+    assert rendered_client["private_key_file"].endswith("/keys.dev-pk")
+    assert {"key": "keys.dev-pk", "path": "keys.dev-pk"} in secret_volume(r)["secret"]["items"]
+
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+CLIENT_SCHEMA = SCHEMA["properties"]["config"]["properties"]["clients"]["properties"]["registered"]["items"]
+SCHEMA_METHODS = CLIENT_SCHEMA["properties"]["auth_method"]["enum"]
+SCHEMA_ALGS = CLIENT_SCHEMA["properties"]["signing_alg"]["enum"]
+# Client keys in the values that are the chart's own, not the binary's.
+CHART_ONLY_CLIENT_KEYS = {"secretKey"}
+# Binary keys the values never take: the files the chart writes, and inline secrets (which would
+# end up in the ConfigMap).
+BINARY_ONLY_CLIENT_KEYS = {*CREDENTIAL_FILE_KEYS, "client_secret"}
+
+
+def binary_choices(tokengate_bin, tmp_path, client_toml: str) -> set[str]:
+    """The names the binary lists in its "unknown variant/field ..., expected one of" error."""
+    config = tmp_path / "probe.toml"
+    config.write_text(f'[[clients.registered]]\nclient_id = "probe"\n{client_toml}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    proc = subprocess.run(
+        [tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert proc.returncode == 64, proc
+    assert "expected" in proc.stderr, proc.stderr
+    choices = set(re.findall(r"`(\w+)`", proc.stderr.split("expected", 1)[1]))
+    assert choices, proc.stderr
+    return choices
+
+
+def test_schema_auth_methods_are_the_binarys(tokengate_bin, tmp_path):
+    assert set(SCHEMA_METHODS) == binary_choices(tokengate_bin, tmp_path, 'auth_method = "bogus"')
+
+
+def test_schema_signing_algs_are_the_binarys(tokengate_bin, tmp_path):
+    toml = 'auth_method = "private_key_jwt"\nsigning_alg = "bogus"'
+    assert set(SCHEMA_ALGS) == binary_choices(tokengate_bin, tmp_path, toml)
+
+
+def test_schema_client_keys_are_the_binarys(tokengate_bin, tmp_path):
+    binary = binary_choices(tokengate_bin, tmp_path, "bogus_key = 1")
+    schema = set(CLIENT_SCHEMA["properties"])
+    assert schema - CHART_ONLY_CLIENT_KEYS == binary - BINARY_ONLY_CLIENT_KEYS
+    assert BINARY_ONLY_CLIENT_KEYS <= binary
+
+
+@pytest.fixture(scope="session")
+def schemaless_chart(tmp_path_factory) -> Path:
+    """A copy of the chart without values.schema.json, so it renders what `helm install
+    --skip-schema-validation` would: the binary can then judge values the schema refuses."""
+    copy = tmp_path_factory.mktemp("schemaless") / CHART.name
+    shutil.copytree(CHART, copy)
+    (copy / "values.schema.json").unlink()
+    return copy
+
+
+# Each optional assertion setting alone, with every algorithm either side knows plus one neither does.
+ASSERTION_SETTINGS = (
+    [{}]
+    + [{"signing_alg": alg} for alg in [*SCHEMA_ALGS, "EdDSA"]]
+    + [{"key_id": "k1"}, {"assertion_audience": "https://platform.ringcentral.com/restapi/oauth/token"}]
+)
+
+
+@pytest.mark.parametrize("method", [*SCHEMA_METHODS, None], ids=str)
+def test_schema_and_binary_agree_on_each_methods_settings(method, schemaless_chart, tokengate_bin, tmp_path):
+    """For every auth method (None: the key left out) and assertion setting, the schema admits
+    the client exactly when `tokengate check-config` accepts the config the chart renders for it
+    (rendered without the schema, with real credential files)."""
+    verdicts = []
+    with helm.Chart.load(CHART) as chart:
+        for n, setting in enumerate(ASSERTION_SETTINGS):
+            client = {"client_id": "c", **({"auth_method": method} if method else {}), **setting}
+            values = {"config": {"clients": {"registered": [client]}}, "secret": {"existingSecret": "s"}}
+            try:
+                chart.validate_schema(values)
+                schema_ok = True
+            except helm.HelmValuesError:
+                schema_ok = False
+            directory = tmp_path / str(n)
+            directory.mkdir()
+            proc = check_config(tokengate_bin, Rendered(values, chart_dir=schemaless_chart), directory)
+            assert proc.returncode in (0, 64), proc
+            verdicts.append((setting, schema_ok, proc.returncode == 0, proc.stderr.strip()))
+    disagreements = [v for v in verdicts if v[1] != v[2]]
+    assert disagreements == []
+    # Not vacuous: every method takes its plain form and refuses something.
+    assert verdicts[0][1] is True
+    assert any(not ok for _, ok, _, _ in verdicts)
+    signs = method in ("private_key_jwt", "client_secret_jwt")
+    assert all(ok == signs for setting, ok, _, _ in verdicts if set(setting) <= {"key_id", "assertion_audience"} and setting)

@@ -34,7 +34,7 @@ REFUSED = [
         "allowed_grants",
     ),
     (
-        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "private_key_jwt"}]}}},
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "tls_client_auth"}]}}},
         "auth_method",
     ),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
@@ -57,6 +57,48 @@ REFUSED = [
         {"config": {"clients": {"registered": [{"client_id": "a", "client_secret": "s"}]}}},
         "client_secret",
     ),
+    # signed assertions: private_key_file is the chart's (from secret.mountPath + secretKey) ...
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "private_key_jwt", "private_key_file": "/keys/a.pem"}]}}},
+        "private_key_file",
+    ),
+    # ... signing_alg must be one the binary signs with, and fit the method ...
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "private_key_jwt", "signing_alg": "EdDSA"}]}}},
+        "/config/clients/registered/0/signing_alg",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "private_key_jwt", "signing_alg": "HS256"}]}}},
+        "/config/clients/registered/0/signing_alg",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "client_secret_jwt", "signing_alg": "RS256"}]}}},
+        "/config/clients/registered/0/signing_alg",
+    ),
+    # ... and the assertion settings apply only to the two methods that sign
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "signing_alg": "RS256"}]}}},
+        "/config/clients/registered/0/signing_alg",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "client_secret_post", "key_id": "k1"}]}}},
+        "/config/clients/registered/0/key_id",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "none", "assertion_audience": "https://x.example/token"}]}}},
+        "/config/clients/registered/0/assertion_audience",
+    ),
+    (
+        {"config": {"clients": {"registered": [
+            {"client_id": "a", "auth_method": "private_key_jwt", "key_id": ""}]}}},
+        "/config/clients/registered/0/key_id",
+    ),
 ]
 
 
@@ -67,7 +109,7 @@ def test_render_refuses_bad_values(values, expected):
     assert expected in str(error.value)
 
 
-@pytest.mark.parametrize("values,expected", REFUSED[:4] + REFUSED[16:20], ids=str)
+@pytest.mark.parametrize("values,expected", REFUSED[:4] + REFUSED[16:20] + REFUSED[24:29], ids=str)
 def test_lint_reports_bad_values_as_errors(values, expected):
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert any(expected in e for e in report["errors"]), report
@@ -112,6 +154,20 @@ TEMPLATE_REFUSALS = [
         "not a valid Secret key",
     ),
     (
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "private_key_jwt"}]}},
+         "secret": {"create": True, "values": {"a": "x"}}},
+        'no non-empty "a.pem"',
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "private_key_jwt"}]}},
+         "secret": {"create": True, "values": {"a.pem": "not a key"}}},
+        "secret.values.a.pem must be the PEM private key",
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "private_key_jwt"}]}}},
+        "registered clients need secrets",
+    ),
+    (
         {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
         "needs resources.requests.cpu",
     ),
@@ -127,6 +183,25 @@ def test_render_fails_with_a_reason(values, expected):
     with pytest.raises(helm.HelmRenderError) as error:
         render(values)
     assert expected in str(error.value)
+
+
+# Every setting each signing method takes, as in the binary's config (src/config.rs).
+ADMITTED = [
+    {"client_id": "a", "auth_method": "private_key_jwt"},
+    {"client_id": "a", "auth_method": "private_key_jwt", "signing_alg": "RS256", "key_id": "k1",
+     "assertion_audience": "https://platform.ringcentral.com/restapi/oauth/token", "secretKey": "a-key.pem"},
+    {"client_id": "a", "auth_method": "private_key_jwt", "signing_alg": "ES256"},
+    {"client_id": "a", "auth_method": "private_key_jwt", "signing_alg": "PS256"},
+    {"client_id": "a", "auth_method": "client_secret_jwt"},
+    {"client_id": "a", "auth_method": "client_secret_jwt", "signing_alg": "HS256", "key_id": "k1",
+     "assertion_audience": "https://platform.ringcentral.com/restapi/oauth/token"},
+]
+
+
+@pytest.mark.parametrize("client", ADMITTED, ids=str)
+def test_schema_admits_the_signing_methods_settings(client):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({"config": {"clients": {"registered": [client]}}})
 
 
 def test_every_value_set_meets_the_schema(value_set):

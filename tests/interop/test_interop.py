@@ -353,24 +353,11 @@ def _client_toml(client_id: str, **settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="session")
-def insecure_http_line(tmp_path_factory):
-    """`allow_insecure_http = true` when this build knows the key (contract §7), else nothing.
-
-    The provider speaks plain HTTP on loopback; a build with the hardening settings refuses an
-    http:// base_url unless told otherwise, an older build refuses the unknown key.
-    """
-    probe = tmp_path_factory.mktemp("probe") / "probe.toml"
-    probe.write_text('[upstream]\nbase_url = "http://127.0.0.1:1"\nallow_insecure_http = true\n')
-    done = subprocess.run([str(_binary()), "check-config", "--config", str(probe)],
-                          capture_output=True, text=True, timeout=30, env=_clean_env())
-    return "allow_insecure_http = true\n" if done.returncode == 0 else ""
-
-
-def _config_head(provider, insecure_http_line: str) -> str:
+def _config_head(provider) -> str:
+    # The provider speaks plain HTTP on loopback, which tokengate refuses unless told.
     return (
         '[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_period = "5s"\n\n'
-        f"[upstream]\nbase_url = {_toml_str(provider.issuer)}\n{insecure_http_line}\n"
+        f"[upstream]\nbase_url = {_toml_str(provider.issuer)}\nallow_insecure_http = true\n\n"
         "[clients]\nallow_public = true\n\n"
     )
 
@@ -416,12 +403,12 @@ def _start_tokengate(name: str, config_text: str, workdir: Path, forbidden: list
 
 
 @pytest.fixture(scope="session")
-def tokengate(provider, insecure_http_line, tmp_path_factory):
+def tokengate(provider, tmp_path_factory):
     """tokengate with secret-based clients (Basic, post, a wrong secret)."""
     workdir = tmp_path_factory.mktemp("tokengate")
     post_secret_file = workdir / "tg-post.secret"
     post_secret_file.write_text(SECRETS["tg-post"] + "\n")
-    config = _config_head(provider, insecure_http_line) + "\n".join([
+    config = _config_head(provider) + "\n".join([
         _client_toml("tg-basic", client_secret=SECRETS["tg-basic"], auth_method="client_secret_basic", default=True),
         _client_toml("tg-post", client_secret_file=post_secret_file, auth_method="client_secret_post"),
         _client_toml("tg-wrong-secret", client_secret=NOT_THE_SECRET, auth_method="client_secret_basic"),
@@ -433,7 +420,7 @@ def tokengate(provider, insecure_http_line, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tokengate_jwt(provider, keys, insecure_http_line, tmp_path_factory):
+def tokengate_jwt(provider, keys, tmp_path_factory):
     """tokengate with clients whose assertions it signs (private_key_jwt, client_secret_jwt)."""
     workdir = tmp_path_factory.mktemp("tokengate-jwt")
     entries = []
@@ -443,7 +430,7 @@ def tokengate_jwt(provider, keys, insecure_http_line, tmp_path_factory):
     (keys["rot-old"].path.parent / "rotate.pem").write_bytes(keys["rot-old"].pem)
     entries.append(_client_toml("hs-client", auth_method="client_secret_jwt",
                                 client_secret=SECRETS["hs-client"], signing_alg="HS256"))
-    config = _config_head(provider, insecure_http_line) + "\n".join(entries)
+    config = _config_head(provider) + "\n".join(entries)
     forbidden = [SECRETS["hs-client"].encode()] + [
         line.encode() for k in keys.values() for line in k.pem.decode().splitlines()[1:-1]
     ]

@@ -291,6 +291,7 @@ shutdown_grace_period = "5s"
 
 [upstream]
 base_url = "http://127.0.0.1:{upstream.port}"
+allow_insecure_http = true
 
 [clients]
 allow_public = false

@@ -145,11 +145,16 @@ unset; an explicit value that is too short stops the render with the reason.
 {{- end }}
 
 {{/*
-The Secret key holding a registered client's secret: `secretKey`, or the client_id when it is a
-valid key name. Call with the client entry.
+The Secret key holding a registered client's credential: `secretKey`, else the client_id for a
+client secret and `<client_id>.pem` for a private_key_jwt key, when that is a valid key name.
+Call with the client entry.
 */}}
 {{- define "tokengate.secretKey" -}}
-{{- $key := default .client_id .secretKey }}
+{{- $default := .client_id }}
+{{- if eq (default "client_secret_basic" .auth_method) "private_key_jwt" }}
+{{- $default = printf "%s.pem" .client_id }}
+{{- end }}
+{{- $key := default $default .secretKey }}
 {{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $key) }}
 {{- fail (printf "client %q: %q is not a valid Secret key (letters, digits, '-', '_', '.'); set secretKey" .client_id $key) }}
 {{- end }}
@@ -157,8 +162,8 @@ valid key name. Call with the client entry.
 {{- end }}
 
 {{/*
-The Secret keys the registered clients need, as a JSON list (clients with auth_method "none"
-have no secret).
+The Secret keys the registered clients need, as a JSON list: a client secret or, for
+private_key_jwt, a PEM private key per client (clients with auth_method "none" have neither).
 */}}
 {{- define "tokengate.secretKeys" -}}
 {{- $keys := list }}
@@ -189,9 +194,25 @@ Fails when clients need secrets and neither (or both) is configured.
 {{- end }}
 
 {{/*
-The tokengate config as a dict, ready for toToml. `server.listen` comes from containerPort and
-`client_secret_file` from secret.mountPath, so neither can drift from the pod spec. Duplicate
-client ids and several default clients are refused here, before the binary would refuse them.
+The Secret keys holding private_key_jwt PEM keys, as a JSON list.
+*/}}
+{{- define "tokengate.privateKeyKeys" -}}
+{{- $keys := list }}
+{{- range .Values.config.clients.registered }}
+{{- if eq (default "client_secret_basic" .auth_method) "private_key_jwt" }}
+{{- $keys = append $keys (include "tokengate.secretKey" .) }}
+{{- end }}
+{{- end }}
+{{- toJson $keys }}
+{{- end }}
+
+{{/*
+The tokengate config as a dict, ready for toToml. `server.listen` comes from containerPort, and
+`client_secret_file` (secret methods) and `private_key_file` (private_key_jwt) from
+secret.mountPath, so none of them can drift from the pod spec. The assertion settings
+(signing_alg, key_id, assertion_audience) are passed through as set; the schema admits them only
+for private_key_jwt and client_secret_jwt, as the binary does. Duplicate client ids and several
+default clients are refused here, before the binary would refuse them.
 */}}
 {{- define "tokengate.config" -}}
 {{- $config := deepCopy .Values.config }}
@@ -213,8 +234,16 @@ client ids and several default clients are refused here, before the binary would
 {{- with .allowed_grants }}
 {{- $_ := set $client "allowed_grants" . }}
 {{- end }}
-{{- if ne $method "none" }}
+{{- if eq $method "private_key_jwt" }}
+{{- $_ := set $client "private_key_file" (printf "%s/%s" $mount (include "tokengate.secretKey" .)) }}
+{{- else if ne $method "none" }}
 {{- $_ := set $client "client_secret_file" (printf "%s/%s" $mount (include "tokengate.secretKey" .)) }}
+{{- end }}
+{{- $entry := . }}
+{{- range list "signing_alg" "key_id" "assertion_audience" }}
+{{- if hasKey $entry . }}
+{{- $_ := set $client . (get $entry .) }}
+{{- end }}
 {{- end }}
 {{- $clients = append $clients $client }}
 {{- end }}
