@@ -580,3 +580,6 @@ impl TryFrom<proto::RevokeTokenRequest> for RevokeRequest {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -621,3 +621,6 @@ mod tests {
         assert!(matches!(error.kind, UpstreamErrorKind::BadResponse(_)));
     }
 }
+
+#[cfg(test)]
+mod proptests;
