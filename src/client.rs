@@ -23,6 +23,7 @@ pub struct Clients {
 struct Registered {
     method: Method,
     allowed_grants: Option<BTreeSet<GrantKind>>,
+    allowed_callers: Option<BTreeSet<String>>,
 }
 
 /// A registered client's method with exactly the credential it needs.
@@ -139,6 +140,8 @@ pub enum ClientError {
     Missing,
     #[error("client {client_id:?} may not use the {grant} grant")]
     GrantNotAllowed { client_id: String, grant: GrantKind },
+    #[error("caller {caller:?} may not use client {client_id:?}")]
+    CallerNotAllowed { caller: String, client_id: String },
     /// The client's assertion could not be signed: a server-side fault, logged in full.
     #[error("the client assertion could not be signed")]
     Signing(String),
@@ -197,6 +200,7 @@ impl Clients {
                 Registered {
                     method,
                     allowed_grants: c.allowed_grants.clone(),
+                    allowed_callers: c.allowed_callers.clone(),
                 },
             );
         }
@@ -210,6 +214,30 @@ impl Clients {
             by_id,
             default,
         })
+    }
+
+    /// Refuses a caller that the named (or default) client does not list in
+    /// `allowed_callers`. `caller` is `None` when no callers are registered.
+    pub fn authorize(
+        &self,
+        caller: Option<&str>,
+        client_id: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let (Some(caller), Some(client_id)) = (caller, client_id.or(self.default.as_deref()))
+        else {
+            return Ok(());
+        };
+        match self
+            .by_id
+            .get(client_id)
+            .and_then(|c| c.allowed_callers.as_ref())
+        {
+            Some(allowed) if !allowed.contains(caller) => Err(ClientError::CallerNotAllowed {
+                caller: caller.to_owned(),
+                client_id: client_id.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Decides how a request authenticates. `grant` is `None` for revocation, which any

@@ -24,6 +24,42 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub clients: ClientsConfig,
+    /// Who may call; empty lets every caller that reaches the port use every client.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<CallerConfig>,
+}
+
+/// One `[[callers]]` entry: a caller known by its mTLS identity or by an API key.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    pub name: String,
+    /// A SAN URI or DNS name of the caller's client certificate (needs mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_san: Option<String>,
+    /// Hex SHA-256 of the key the caller sends as `authorization: Bearer <key>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<String>,
+}
+
+/// `[server.tls]`: TLS on the gRPC listener, and mTLS when `client_ca_file` is set.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            client_ca_file: self.client_ca_file.clone(),
+        }
+    }
 }
 
 /// `[server]`: the gRPC listener and its shutdown.
@@ -39,6 +75,21 @@ pub struct ServerConfig {
     pub max_concurrent_calls: usize,
     /// Calls that may wait for a turn; more are refused at once (RESOURCE_EXHAUSTED).
     pub max_queued_calls: usize,
+    /// Plaintext `grpc.health.v1` only, served when mTLS is on: Kubernetes' gRPC probes
+    /// cannot present a client certificate.
+    pub health_listen: SocketAddr,
+    /// Absent: plaintext gRPC (e.g. behind a mesh that terminates TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+impl ServerConfig {
+    /// Whether callers must present a client certificate.
+    pub fn mtls(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some())
+    }
 }
 
 impl Default for ServerConfig {
@@ -48,6 +99,8 @@ impl Default for ServerConfig {
             shutdown_grace_period: Duration::from_secs(20),
             max_concurrent_calls: 1024,
             max_queued_calls: 1024,
+            health_listen: SocketAddr::from(([0, 0, 0, 0], 50052)),
+            tls: None,
         }
     }
 }
@@ -179,6 +232,9 @@ pub struct RegisteredClient {
     /// JWS `kid` header of the signed assertion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// Names from `[[callers]]` that may use this client; absent: every authenticated caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_callers: Option<BTreeSet<String>>,
     /// `aud` of the signed assertion; default the token endpoint URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assertion_audience: Option<String>,
@@ -340,10 +396,57 @@ impl Config {
             validate_auth(client)
                 .map_err(|e| ConfigError::Invalid(format!("client {id:?}: {e}")))?;
         }
+        self.validate_callers()?;
+        if let Some(tls) = &self.server.tls {
+            tls.files().load().map_err(ConfigError::Invalid)?;
+        }
         if defaults.len() > 1 {
             return invalid(format!(
                 "clients.registered: more than one default client: {defaults:?}"
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_callers(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let mut names = HashSet::new();
+        for caller in &self.callers {
+            let name = &caller.name;
+            if name.trim().is_empty() {
+                return invalid("callers: name must not be empty".into());
+            }
+            if !names.insert(name.as_str()) {
+                return invalid(format!("callers: {name:?} is named twice"));
+            }
+            match (&caller.mtls_san, &caller.api_key_sha256) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return invalid(format!(
+                        "caller {name:?}: set exactly one of mtls_san and api_key_sha256"
+                    ));
+                }
+                (Some(_), None) if !self.server.mtls() => {
+                    return invalid(format!(
+                        "caller {name:?}: mtls_san needs mTLS (server.tls.client_ca_file)"
+                    ));
+                }
+                (None, Some(hex)) if crate::caller::parse_sha256(hex).is_none() => {
+                    return invalid(format!(
+                        "caller {name:?}: api_key_sha256 must be 64 hex digits"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for client in &self.clients.registered {
+            for name in client.allowed_callers.iter().flatten() {
+                if !names.contains(name.as_str()) {
+                    return invalid(format!(
+                        "client {:?}: allowed_callers names {name:?}, which is not in [[callers]]",
+                        client.client_id
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -37,6 +37,8 @@ pub enum Failure {
     InvalidRequest(Vec<Violation>),
     /// The client could not be resolved or may not use the grant.
     Client(ClientError),
+    /// `[[callers]]` are registered and the caller is none of them.
+    CallerUnauthenticated,
     /// Refused locally because the upstream rate-limited this client (or user); the wait
     /// left is attached.
     RateLimited(Duration),
@@ -75,6 +77,10 @@ fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
         Failure::Client(ClientError::Unknown(_)) => {
             (Code::PermissionDenied, "UNKNOWN_CLIENT", None)
         }
+        Failure::Client(ClientError::CallerNotAllowed { .. }) => {
+            (Code::PermissionDenied, "CALLER_NOT_ALLOWED", None)
+        }
+        Failure::CallerUnauthenticated => (Code::Unauthenticated, "CALLER_UNAUTHENTICATED", None),
         Failure::Client(ClientError::Signing(_)) => (Code::Internal, "SIGNING_FAILED", None),
         Failure::Client(ClientError::GrantNotAllowed { .. }) => {
             (Code::PermissionDenied, "GRANT_NOT_ALLOWED", None)
@@ -194,6 +200,9 @@ fn message(error: &CallError) -> String {
             wait.as_secs_f64().ceil()
         ),
         Failure::Overloaded => "tokengate is at capacity; retry shortly".to_owned(),
+        Failure::CallerUnauthenticated => {
+            "caller not recognised: present a registered client certificate or API key".to_owned()
+        }
         Failure::DeadlineExceeded => {
             "the call's deadline passed while it waited for a turn".to_owned()
         }

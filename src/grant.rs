@@ -455,6 +455,14 @@ impl TryFrom<proto::GetTokenRequest> for TokenRequest {
                 ));
             }
         }
+        // Each entry is capped, and so is the `scope` field they are joined into.
+        let joined = scopes.iter().map(String::len).sum::<usize>() + scopes.len().saturating_sub(1);
+        if joined > MAX_FIELD_BYTES {
+            check.violations.push(Violation::new(
+                "scopes",
+                format!("join to {joined} bytes; at most {MAX_FIELD_BYTES} are accepted"),
+            ));
+        }
         let access_token_ttl = check.ttl("access_token_ttl", access_token_ttl);
         let refresh_token_ttl = check.ttl("refresh_token_ttl", refresh_token_ttl);
         let client_assertion = check.client_assertion("client_assertion", client_assertion);

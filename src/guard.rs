@@ -51,7 +51,8 @@ impl RateLimitGuard {
     /// Records a 429: nothing more is sent for `key` for `wait`.
     pub fn penalise(&self, key: GuardKey, wait: Duration) {
         let now = Instant::now();
-        let end = now + wait;
+        // Capped like Retry-After itself, so no wait can overflow the clock.
+        let end = now + wait.min(crate::upstream::MAX_RETRY_AFTER);
         let mut until = self
             .until
             .lock()

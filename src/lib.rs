@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod assertion;
+pub mod caller;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod proto;
 pub mod service;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, field};
 
 use crate::admission::{Admission, Refusal};
+use crate::caller::{Callers, Unauthenticated};
 use crate::client::{ClientError, Clients};
 use crate::error::RATE_LIMIT_RETRY;
 use crate::error::{CallError, Failure};
@@ -35,6 +36,7 @@ pub struct TokenGate {
 
 #[derive(Debug)]
 struct Inner {
+    callers: Callers,
     clients: Clients,
     upstream: Upstream,
     guard: RateLimitGuard,
@@ -47,9 +49,15 @@ impl TokenGate {
         self.inner.clients.signers()
     }
 
-    pub fn new(clients: Clients, upstream: Upstream, admission: Admission) -> Self {
+    pub fn new(
+        callers: Callers,
+        clients: Clients,
+        upstream: Upstream,
+        admission: Admission,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                callers,
                 clients,
                 upstream,
                 guard: RateLimitGuard::default(),
@@ -110,12 +118,14 @@ impl TokenGate {
     async fn get_token(
         &self,
         request: proto::GetTokenRequest,
+        caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
     ) -> Result<Token, CallError> {
         let mut call = Call::start(
             request.grant.as_ref().map(grant_kind_of),
             &request.client_id,
         );
+        let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = TokenRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
         let kind = request.grant.kind();
@@ -124,6 +134,10 @@ impl TokenGate {
             GrantKind::RefreshToken => Replay::Within(REFRESH_REPLAY_WINDOW),
             _ => Replay::Always,
         };
+        self.inner
+            .clients
+            .authorize(caller, request.client_id.as_deref())
+            .map_err(|e| call.fail(Failure::Client(e)))?;
         let (outgoing, caller_credentials) = self.outgoing(
             &mut call,
             request.client_id.as_deref(),
@@ -141,11 +155,17 @@ impl TokenGate {
     async fn revoke(
         &self,
         request: proto::RevokeTokenRequest,
+        caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
     ) -> Result<(), CallError> {
         let mut call = Call::start(None, &request.client_id);
+        let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = RevokeRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
+        self.inner
+            .clients
+            .authorize(caller, request.client_id.as_deref())
+            .map_err(|e| call.fail(Failure::Client(e)))?;
         let (outgoing, caller_credentials) = self.outgoing(
             &mut call,
             request.client_id.as_deref(),
@@ -340,9 +360,10 @@ fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallErro
                 }
                 Failure::Client(ClientError::Signing(detail)) => detail.clone(),
                 Failure::Client(e) => e.to_string(),
-                Failure::RateLimited(_) | Failure::Overloaded | Failure::DeadlineExceeded => {
-                    "refused locally".to_owned()
-                }
+                Failure::RateLimited(_)
+                | Failure::Overloaded
+                | Failure::DeadlineExceeded
+                | Failure::CallerUnauthenticated => "refused locally".to_owned(),
             };
             tracing::info!(parent: span, reason = error.reason(), detail, "call failed");
         }
@@ -364,7 +385,12 @@ impl TokenService for TokenGate {
             upstream_status = field::Empty,
             latency_ms = field::Empty,
         );
-        let result = TokenGate::get_token(self, request.into_inner(), deadline)
+        let peer_certs = request.peer_certs();
+        let caller = self
+            .inner
+            .callers
+            .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
+        let result = TokenGate::get_token(self, request.into_inner(), caller, deadline)
             .instrument(span.clone())
             .await;
         finish(&span, started, &result);
@@ -385,8 +411,13 @@ impl TokenService for TokenGate {
             upstream_status = field::Empty,
             latency_ms = field::Empty,
         );
+        let peer_certs = request.peer_certs();
+        let caller = self
+            .inner
+            .callers
+            .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
         let result = self
-            .revoke(request.into_inner(), deadline)
+            .revoke(request.into_inner(), caller, deadline)
             .instrument(span.clone())
             .await;
         finish(&span, started, &result);

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -12,10 +14,12 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admission::Admission;
+use crate::caller::Callers;
 use crate::client::Clients;
 use crate::config::Config;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::service::TokenGate;
+use crate::tls::ReloadingTls;
 use crate::upstream::Upstream;
 
 /// Largest GetToken/RevokeToken message accepted: every field is capped at 8 KiB
@@ -57,6 +61,9 @@ pub enum Drain {
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    /// The plaintext health listener, bound only when mTLS is on.
+    health_listener: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Arc<ReloadingTls>>,
     grace: Duration,
     service: TokenGate,
 }
@@ -71,14 +78,35 @@ impl Application {
         let addr = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
+        let health_listener = if config.server.mtls() {
+            let addr = config.server.health_listen;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            Some((listener, addr))
+        } else {
+            None
+        };
+        let tls = match &config.server.tls {
+            Some(tls) => Some(Arc::new(
+                ReloadingTls::new(tls.files()).map_err(StartupError::Setup)?,
+            )),
+            None => None,
+        };
         let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
         let clients = Clients::new(&config.clients, upstream.token_url().as_str())
             .map_err(StartupError::Setup)?;
         Ok(Self {
             listener,
             addr,
+            health_listener,
+            tls,
             grace: config.server.shutdown_grace_period,
             service: TokenGate::new(
+                Callers::new(&config.callers),
                 clients,
                 upstream,
                 Admission::new(
@@ -92,6 +120,11 @@ impl Application {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The plaintext health address, when mTLS is on.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Serves until `shutdown` resolves, then flips health to NOT_SERVING, stops accepting
@@ -123,18 +156,33 @@ impl Application {
         let _key_watcher = AbortOnDrop(tokio::spawn(crate::assertion::watch_keys(
             self.service.signers(),
         )));
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!(grace = %humantime::format_duration(self.grace), "shutdown signal received; draining");
-            set_all(&reporter, ServingStatus::NotServing).await;
-            let _ = started_tx.send(());
+        let _tls_watcher = self
+            .tls
+            .clone()
+            .map(|tls| AbortOnDrop(tokio::spawn(crate::tls::watch(tls))));
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
         };
-        tracing::info!(addr = %self.addr, "listening");
+        let _health_server = self.health_listener.map(|(listener, addr)| {
+            tracing::info!(%addr, "serving plaintext health for probes");
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            AbortOnDrop(tokio::spawn({
+                let server = Server::builder()
+                    .add_service(health.clone())
+                    .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+                async move {
+                    if let Err(error) = server.await {
+                        tracing::error!(%error, "the health server failed");
+                    }
+                }
+            }))
+        });
+
         let token_service =
             TokenServiceServer::new(self.service).max_decoding_message_size(MAX_REQUEST_BYTES);
-        let server = Server::builder()
+        let router = Server::builder()
             // Find dead peers (and keep NAT/LB state alive) without waiting for TCP.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -143,15 +191,35 @@ impl Application {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(token_service)
-            .serve_with_incoming_shutdown(incoming, signal);
+            .add_service(token_service);
+        tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "listening");
+        let signal = stopped(stop_rx);
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls {
+                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                    crate::tls::incoming(self.listener, tls),
+                    signal,
+                )),
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                    signal,
+                )),
+            };
         tokio::pin!(server);
+        let grace = self.grace;
+        let signalled = async {
+            shutdown.await;
+            tracing::info!(grace = %humantime::format_duration(grace), "shutdown signal received; draining");
+            set_all(&reporter, ServingStatus::NotServing).await;
+            stop_tx.send_replace(true);
+        };
         tokio::select! {
-            result = &mut server => result.map(|()| Drain::NotStarted).map_err(StartupError::from),
-            Ok(()) = started_rx => match tokio::time::timeout(self.grace, server).await {
-                Ok(result) => result.map(|()| Drain::Complete).map_err(StartupError::from),
-                Err(_) => Ok(Drain::TimedOut),
-            },
+            result = &mut server => return result.map(|()| Drain::NotStarted).map_err(StartupError::from),
+            () = signalled => {}
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result.map(|()| Drain::Complete).map_err(StartupError::from),
+            Err(_) => Ok(Drain::TimedOut),
         }
     }
 }

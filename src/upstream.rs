@@ -61,14 +61,26 @@ impl Outgoing<'_> {
         serde_urlencoded::to_string(pairs).expect("a sequence of string pairs always encodes")
     }
 
-    /// Every secret value this request carries, to scrub from what the upstream echoes.
-    fn secrets(&self) -> impl Iterator<Item = &str> {
+    /// Every secret value this request carries, as sent and as form-encoded, to scrub from
+    /// what the upstream echoes.
+    fn secrets(&self) -> Vec<String> {
         let fields = self
             .fields
             .iter()
             .filter(|f| f.secret)
             .map(|f| f.value.as_ref());
-        fields.chain(self.basic.map(|(_, secret)| secret.expose_secret()))
+        let all = fields.chain(self.basic.map(|(_, secret)| secret.expose_secret()));
+        let mut secrets = Vec::new();
+        for secret in all {
+            secrets.push(secret.to_owned());
+            let encoded = serde_urlencoded::to_string([("", secret)]).unwrap_or_default();
+            if let Some(encoded) = encoded.strip_prefix('=')
+                && encoded != secret
+            {
+                secrets.push(encoded.to_owned());
+            }
+        }
+        secrets
     }
 }
 
@@ -442,17 +454,21 @@ fn unavailable(status: Option<StatusCode>, error: &reqwest::Error) -> UpstreamEr
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+/// Longest `Retry-After` honoured; a larger one is read as this, so that adding it to a
+/// clock can never overflow.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), at most a day.
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(text).ok()?;
-    Some(
+    let wait = if let Ok(seconds) = text.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        let at = httpdate::parse_http_date(text).ok()?;
         at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, UpstreamError> {
@@ -506,37 +522,30 @@ fn decode_failure(reply: &Reply, request: &Outgoing<'_>) -> UpstreamError {
 }
 
 /// The OAuth error in a body, if it is one: `error` (RFC 6749 §5.2) and/or RingCentral's
-/// `errors[].errorCode`. Every field is optional, as real bodies vary.
+/// `errors[].errorCode`. Read field by field, so a missing, null or oddly typed field never
+/// hides the others.
 fn oauth_error(body: &[u8], request: &Outgoing<'_>) -> Option<OAuthError> {
-    #[derive(Deserialize)]
-    struct Body {
-        error: Option<String>,
-        error_description: Option<String>,
-        #[serde(rename = "errorCode")]
-        error_code: Option<String>,
-        message: Option<String>,
-        #[serde(default)]
-        errors: Vec<ApiError>,
-    }
-    #[derive(Deserialize)]
-    struct ApiError {
-        #[serde(rename = "errorCode")]
-        error_code: Option<String>,
-        message: Option<String>,
-    }
-    let body: Body = serde_json::from_slice(body).ok()?;
-    let first = body.errors.into_iter().next();
-    let (first_code, first_message) = first.map_or((None, None), |e| (e.error_code, e.message));
-    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
-    let error = nonempty(body.error);
-    let error_code = nonempty(first_code).or(nonempty(body.error_code));
+    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let body = body.as_object()?;
+    let first = body
+        .get("errors")
+        .and_then(serde_json::Value::as_array)
+        .and_then(|errors| errors.first())
+        .and_then(serde_json::Value::as_object);
+    let text = |object: Option<&serde_json::Map<String, serde_json::Value>>, key: &str| {
+        let value = object?.get(key)?.as_str()?;
+        (!value.trim().is_empty()).then(|| value.to_owned())
+    };
+    let error = text(Some(body), "error");
+    let error_code = text(first, "errorCode").or_else(|| text(Some(body), "errorCode"));
     if error.is_none() && error_code.is_none() {
         return None;
     }
-    let description = nonempty(body.error_description)
-        .or(nonempty(first_message))
-        .or(nonempty(body.message));
-    let scrub = |text: Option<String>| text.map(|t| scrub(t, request.secrets()));
+    let description = text(Some(body), "error_description")
+        .or_else(|| text(first, "message"))
+        .or_else(|| text(Some(body), "message"));
+    let secrets = request.secrets();
+    let scrub = |text: Option<String>| text.map(|t| scrub(t, &secrets));
     Some(OAuthError {
         error: scrub(error),
         description: scrub(description),
@@ -544,14 +553,40 @@ fn oauth_error(body: &[u8], request: &Outgoing<'_>) -> Option<OAuthError> {
     })
 }
 
-/// Replaces every occurrence of a secret we sent with `[REDACTED]`.
-fn scrub<'a>(mut text: String, secrets: impl Iterator<Item = &'a str>) -> String {
-    for secret in secrets.filter(|s| !s.is_empty()) {
-        if text.contains(secret) {
-            text = text.replace(secret, "[REDACTED]");
+/// Replaces every stretch of `text` covered by an occurrence of a secret (overlaps merged)
+/// with one `[REDACTED]`, so no part of any secret survives.
+fn scrub(text: String, secrets: &[String]) -> String {
+    let mut ranges = Vec::new();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        let step = secret.chars().next().map_or(1, char::len_utf8);
+        let mut from = 0;
+        while let Some(at) = text[from..].find(secret.as_str()) {
+            let start = from + at;
+            ranges.push((start, start + secret.len()));
+            from = start + step;
         }
     }
-    text
+    if ranges.is_empty() {
+        return text;
+    }
+    ranges.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut written = 0;
+    let mut current = ranges[0];
+    for &(start, end) in &ranges[1..] {
+        if start <= current.1 {
+            current.1 = current.1.max(end);
+        } else {
+            out.push_str(&text[written..current.0]);
+            out.push_str("[REDACTED]");
+            written = current.1;
+            current = (start, end);
+        }
+    }
+    out.push_str(&text[written..current.0]);
+    out.push_str("[REDACTED]");
+    out.push_str(&text[current.1..]);
+    out
 }
 
 #[cfg(test)]

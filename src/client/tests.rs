@@ -449,6 +449,7 @@ fn new_refuses_a_method_without_its_secret() {
         signing_alg: None,
         key_id: None,
         assertion_audience: None,
+        allowed_callers: None,
         secret: secret.map(SecretString::from),
     };
     for (method, secret) in [

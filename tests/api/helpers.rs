@@ -67,6 +67,7 @@ pub fn basic(client_id: &str, secret: &str) -> String {
 /// How to configure one test server.
 pub struct AppSpec {
     allow_public: bool,
+    server_extra: String,
     upstream_extra: String,
     base_url: Option<String>,
     clients_extra: String,
@@ -76,6 +77,7 @@ impl Default for AppSpec {
     fn default() -> Self {
         Self {
             allow_public: true,
+            server_extra: String::new(),
             upstream_extra: String::new(),
             base_url: None,
             clients_extra: String::new(),
@@ -87,6 +89,12 @@ impl AppSpec {
     /// `clients.allow_public`.
     pub fn allow_public(mut self, allow: bool) -> Self {
         self.allow_public = allow;
+        self
+    }
+
+    /// Extra lines for the `[server]` section, e.g. `max_concurrent_calls = 1`.
+    pub fn server(mut self, toml_lines: &str) -> Self {
+        self.server_extra = toml_lines.to_owned();
         self
     }
 
@@ -119,6 +127,7 @@ impl AppSpec {
 [server]
 listen = "127.0.0.1:0"
 shutdown_grace_period = "5s"
+{server_extra}
 
 [upstream]
 base_url = "{base_url}"
@@ -151,6 +160,7 @@ allowed_grants = ["refresh_token"]
 {clients_extra}
 "#,
             clients_extra = self.clients_extra,
+            server_extra = self.server_extra,
             upstream_extra = self.upstream_extra,
             allow_public = self.allow_public,
         );

@@ -6,7 +6,9 @@
 mod deadline;
 mod errors;
 mod exchange;
+mod hardening;
 mod helpers;
 mod local;
 mod service;
 mod signed;
+mod tls;

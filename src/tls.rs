@@ -1,0 +1,221 @@
+//! TLS on the gRPC listener: certificate and key from PEM files, re-read when they change
+//! (cert-manager rotates them in place), and optional client-certificate verification
+//! against a CA (mTLS). Handshakes run off the accept loop, bounded in time, so a slow or
+//! broken client cannot hold up others.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How often the certificate files are checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PEM files of the listener's TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Present: callers must present a certificate issued by this CA.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> impl Iterator<Item = &Path> {
+        [
+            Some(&self.cert_file),
+            Some(&self.key_file),
+            self.client_ca_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+    }
+
+    /// Reads the files and builds the rustls configuration (HTTP/2 only, as gRPC needs).
+    pub fn load(&self) -> Result<ServerConfig, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert_file)
+            .and_then(Iterator::collect)
+            .map_err(|e| format!("server.tls.cert_file {}: {e}", self.cert_file.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "server.tls.cert_file {} holds no certificate",
+                self.cert_file.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key_file)
+            .map_err(|e| format!("server.tls.key_file {}: {e}", self.key_file.display()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match &self.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("server.tls.client_ca_file {}: {e}", path.display()))?
+                {
+                    let cert = cert.map_err(|e| {
+                        format!("server.tls.client_ca_file {}: {e}", path.display())
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        format!("server.tls.client_ca_file {}: {e}", path.display())
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| {
+                            format!("server.tls.client_ca_file {}: {e}", path.display())
+                        })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("server.tls: the certificate and key do not match: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    fn stamps(&self) -> Stamps {
+        self.paths()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    }
+}
+
+/// What identifies one version of the TLS files: each file's modification time and size.
+type Stamps = Vec<Option<(SystemTime, u64)>>;
+
+/// The listener's current TLS configuration, replaced when its files change.
+pub struct ReloadingTls {
+    files: TlsFiles,
+    current: RwLock<(Arc<ServerConfig>, Stamps)>,
+}
+
+impl std::fmt::Debug for ReloadingTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReloadingTls {
+    pub fn new(files: TlsFiles) -> Result<Self, String> {
+        let stamps = files.stamps();
+        let config = files.load()?;
+        Ok(Self {
+            files,
+            current: RwLock::new((Arc::new(config), stamps)),
+        })
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0
+                .clone(),
+        )
+    }
+
+    /// Re-reads the files if any changed. A broken set keeps the previous configuration
+    /// serving, and is reported once.
+    pub fn reload_if_changed(&self) {
+        let stamps = self.files.stamps();
+        if stamps
+            == self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1
+        {
+            return;
+        }
+        let loaded = self.files.load();
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match loaded {
+            Ok(config) => {
+                *current = (Arc::new(config), stamps);
+                tracing::info!(cert_file = %self.files.cert_file.display(), "reloaded the TLS certificate");
+            }
+            Err(error) => {
+                current.1 = stamps;
+                tracing::warn!(%error, "the changed TLS files cannot be used; keeping the previous ones");
+            }
+        }
+    }
+}
+
+/// Checks the TLS files for changes until the task is dropped.
+pub async fn watch(tls: Arc<ReloadingTls>) {
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Metadata reads of a few local files: cheap, but still kept off the runtime threads.
+        let tls = tls.clone();
+        let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+    }
+}
+
+/// TLS connections accepted on `listener`. The listener closes when the stream is dropped
+/// (as tonic does at shutdown), so new connections are refused from then on.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadingTls>,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tx.closed() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let acceptor = tls.acceptor();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                                Ok(Ok(stream)) => {
+                                    let _ = tx.send(Ok(stream)).await;
+                                }
+                                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        // Out of file descriptors, most likely: back off instead of spinning.
+                        tracing::warn!(%error, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
