@@ -22,8 +22,9 @@ use crate::service::TokenGate;
 use crate::tls::ReloadingTls;
 use crate::upstream::Upstream;
 
-/// Largest GetToken/RevokeToken message accepted: every field is capped at 8 KiB
-/// (`grant::MAX_FIELD_BYTES`), so a valid request is far smaller.
+/// Largest GetToken/RevokeToken message accepted (tonic answers OUT_OF_RANGE beyond it).
+/// Real requests are a few KiB; a request filling many fields to their 8 KiB cap
+/// (`grant::MAX_FIELD_BYTES`) can exceed it, and is refused as a whole.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// HTTP/2 streams one connection may have open; more wait at the client.

@@ -1,20 +1,33 @@
 """The chart cannot drift from the binary: the rendered config is one `tokengate check-config`
 accepts, the pod spec (ports, probes, mounts, grace period) agrees with that config, and the
-schema admits the client settings the binary admits, method by method."""
+schema admits the client settings the binary admits, method by method. With mTLS, the probes and
+the `helm test` pod use the plaintext health port the binary really serves."""
 
 from __future__ import annotations
 
+import datetime
+import functools
+import hashlib
 import json
 import os
 import posixpath
 import re
+import select
 import shutil
+import signal
 import subprocess
+import time
+import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import helm_python as helm
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from conftest import CHART, REPO, Rendered, load_values
 
@@ -67,21 +80,179 @@ def private_key_algs(r: Rendered) -> dict[str, str]:
     }
 
 
+def volume(r: Rendered, name: str) -> dict | None:
+    volumes = [v for v in r.pod_spec["volumes"] if v["name"] == name]
+    return volumes[0] if volumes else None
+
+
+def mount(r: Rendered, name: str) -> dict | None:
+    mounts = [m for m in r.container["volumeMounts"] if m["name"] == name]
+    return mounts[0] if mounts else None
+
+
+def tls_config(r: Rendered) -> dict | None:
+    return r.config["server"].get("tls")
+
+
+def mtls(r: Rendered) -> bool:
+    return bool((tls_config(r) or {}).get("client_ca_file"))
+
+
+def health_port(r: Rendered) -> int | None:
+    """The port of server.health_listen when the binary serves it (mTLS), else None."""
+    if not mtls(r):
+        return None
+    listen = r.config["server"]["health_listen"]
+    match = re.fullmatch(r"0\.0\.0\.0:(\d+)", listen)
+    assert match, f"server.health_listen {listen!r} is not 0.0.0.0:<port>"
+    return int(match.group(1))
+
+
+# --- Throwaway PKI for the TLS files: a CA, a server certificate it issued, and a second CA
+# standing in for the upstream's private CA. Made once per session with `cryptography`.
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def _pem_cert(cert) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, sans=()) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@functools.cache
+def throwaway_pki() -> dict[str, str]:
+    """PEMs by name: ca.crt, tls.crt and tls.key (a kubernetes.io/tls Secret as cert-manager
+    writes it), client.crt and client.key (a caller), other.key (a key matching nothing) and
+    upstream-ca.crt."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("tokengate test CA", ca_key, "tokengate test CA", ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _certificate(
+        "tg-tokengate", server_key, "tokengate test CA", ca_key, ca=False,
+        sans=[x509.DNSName("tg-tokengate.auth.svc"), x509.DNSName("localhost")],
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _certificate(
+        "billing", client_key, "tokengate test CA", ca_key, ca=False,
+        sans=[x509.UniformResourceIdentifier("spiffe://cluster.local/ns/billing/sa/api")],
+    )
+    upstream_key = ec.generate_private_key(ec.SECP256R1())
+    upstream_ca = _certificate("upstream CA", upstream_key, "upstream CA", upstream_key, ca=True)
+    return {
+        "ca.crt": _pem_cert(ca),
+        "tls.crt": _pem_cert(server),
+        "tls.key": _pem_key(server_key),
+        "client.crt": _pem_cert(client),
+        "client.key": _pem_key(client_key),
+        "other.key": _pem_key(ec.generate_private_key(ec.SECP256R1())),
+        "upstream-ca.crt": _pem_cert(upstream_ca),
+    }
+
+
+def chart_files(r: Rendered) -> list[str]:
+    """Every file path in the rendered config that points into a chart-made mount."""
+    config = r.config
+    files = secret_files(r)
+    files += [v for k, v in (tls_config(r) or {}).items() if k.endswith("_file")]
+    if "ca_file" in config["upstream"]:
+        files.append(config["upstream"]["ca_file"])
+    return files
+
+
 def container_env(r: Rendered) -> dict[str, str]:
     """The literal environment of the tokengate container (valueFrom entries have no value here)."""
     return {e["name"]: e["value"] for e in r.container.get("env", []) if "value" in e}
 
 
-def check_config(tokengate_bin, r: Rendered, tmp_path) -> subprocess.CompletedProcess:
+def check_config(
+    tokengate_bin, r: Rendered, tmp_path, *, tls_files: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `tokengate check-config` on the rendered ConfigMap text, with the container's
     environment, and the secret files written under tmp_path instead of the mount path.
     A chart-rendered Secret supplies its own values; for an existing Secret, each mounted
     private key is a real PEM fixture for the client's algorithm, and every other key any
-    non-empty secret."""
+    non-empty secret. The TLS Secret's keys get the throwaway PKI's PEMs (or `tls_files`), and
+    the upstream CA bundle a CA certificate, each under a directory of its own."""
+    return run_rendered(tokengate_bin, r, tmp_path, ["check-config"], tls_files=tls_files)
+
+
+def write_mounted_files(r: Rendered, tmp_path, tls_files: dict[str, str] | None = None) -> str:
+    """Writes every file the rendered config reads from a chart-made mount under tmp_path and
+    returns the config text with the mount prefixes rewritten to those directories. Each mount
+    prefix must occur exactly as often as the config names files in it."""
+    text = rewrite_secret_files(r, tmp_path)
+    tls = tls_config(r)
+    if tls:
+        tls_mount = mount(r, "tls")["mountPath"]
+        directory = tmp_path / "tls"
+        directory.mkdir()
+        pems = {**throwaway_pki(), **(tls_files or {})}
+        for item in volume(r, "tls")["secret"]["items"]:
+            (directory / item["path"]).write_text(pems[item["key"]])
+        needle = f'"{tls_mount}/'
+        assert text.count(needle) == sum(k.endswith("_file") for k in tls), (needle, text)
+        text = text.replace(needle, f'"{directory}/')
+    if "ca_file" in r.config["upstream"]:
+        ca_mount = mount(r, "upstream-ca")["mountPath"]
+        source = volume(r, "upstream-ca")
+        (item,) = (source.get("configMap") or source["secret"])["items"]
+        directory = tmp_path / "upstream-ca"
+        directory.mkdir()
+        (directory / item["path"]).write_text(throwaway_pki()["upstream-ca.crt"])
+        needle = f'"{ca_mount}/'
+        assert text.count(needle) == 1, (needle, text)
+        text = text.replace(needle, f'"{directory}/')
+    return text
+
+
+def run_rendered(tokengate_bin, r: Rendered, tmp_path, args: list[str], *, tls_files=None, popen=False, env_extra=None):
+    """Runs `tokengate <args> --config <rendered config>` with the mounted files in place."""
+    text = write_mounted_files(r, tmp_path, tls_files)
+    config_file = tmp_path / "tokengate.toml"
+    config_file.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    env.update(container_env(r))
+    env.update(env_extra or {})
+    command = [tokengate_bin, *args, "--config", config_file]
+    if popen:
+        # Unbuffered, so that select() sees every line not yet read.
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=30)
+
+
+def rewrite_secret_files(r: Rendered, tmp_path) -> str:
     text = r.config_text
     files = secret_files(r)
     if files:
-        mount = secret_mount(r)["mountPath"]
+        mount = secret_mount(r)["mountPath"]  # noqa: F811 (the mount path, not the helper)
         secrets = r.secret_data()
         items = secret_volume(r)["secret"]["items"]
         if secrets is None:
@@ -99,17 +270,7 @@ def check_config(tokengate_bin, r: Rendered, tmp_path) -> subprocess.CompletedPr
         needle = f'"{mount}/'
         assert text.count(needle) == len(files), (needle, text)
         text = text.replace(needle, f'"{tmp_path}/')
-    config_file = tmp_path / "tokengate.toml"
-    config_file.write_text(text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
-    env.update(container_env(r))
-    return subprocess.run(
-        [tokengate_bin, "check-config", "--config", config_file],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
+    return text
 
 
 def test_check_config_accepts_the_rendered_config(rendered, tokengate_bin, tmp_path):
@@ -144,13 +305,23 @@ def test_the_container_runs_the_mounted_config(rendered):
 
 
 def test_ports_and_probes_use_the_port_in_server_listen(rendered):
+    """The gRPC port is server.listen's. The probes use it too, except with mTLS: then all
+    three use the plaintext health port, which is server.health_listen's."""
     port = rendered.listen_port
-    (container_port,) = rendered.container["ports"]
-    assert container_port["containerPort"] == port
-    assert container_port["name"] == "grpc"
+    ports = {p["name"]: p for p in rendered.container["ports"]}
+    assert ports["grpc"]["containerPort"] == port
+    health = health_port(rendered)
+    if health is None:
+        assert set(ports) == {"grpc"}
+        probe_port = port
+    else:
+        assert set(ports) == {"grpc", "health"}
+        assert ports["health"]["containerPort"] == health != port
+        assert ports["health"]["protocol"] == "TCP"
+        probe_port = health
     probes = {kind: rendered.container[f"{kind}Probe"] for kind in ("startup", "readiness", "liveness")}
     for kind, probe in probes.items():
-        assert probe["grpc"]["port"] == port, kind
+        assert probe["grpc"]["port"] == probe_port, kind
     assert probes["liveness"]["grpc"]["service"] == LIVENESS_SERVICE
     assert probes["startup"]["grpc"]["service"] == LIVENESS_SERVICE
     assert probes["readiness"]["grpc"]["service"] == READINESS_SERVICE
@@ -160,10 +331,15 @@ def test_services_target_the_container_port(rendered):
     services = rendered.all("Service")
     assert services
     for service in services:
-        (service_port,) = service["spec"]["ports"]
-        assert service_port["name"] == "grpc"
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        service_port = ports.pop("grpc")
         assert service_port["appProtocol"] == "grpc"
         assert service_port["targetPort"] == rendered.listen_port
+        # The main Service carries the plaintext health port with mTLS, for the `helm test`
+        # pod; the headless one never does.
+        if health_port(rendered) is not None and "clusterIP" not in service["spec"]:
+            assert ports.pop("health")["targetPort"] == health_port(rendered)
+        assert ports == {}
         selector = service["spec"]["selector"]
         labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items()
@@ -215,8 +391,11 @@ def test_rolling_update_never_removes_a_serving_pod(rendered):
 
 def test_network_policy_opens_the_grpc_port_and_the_upstream_port(rendered):
     (policy,) = [p for p in rendered.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
-    (ingress,) = policy["spec"]["ingress"]
+    ingress, *health_rules = policy["spec"]["ingress"]
     assert ingress["ports"] == [{"port": rendered.listen_port, "protocol": "TCP"}]
+    # With mTLS (and the test pod), one more rule: the health port, from the test pod only.
+    expected = 1 if health_port(rendered) is not None and rendered.all("Pod") else 0
+    assert len(health_rules) == expected
     url = urlsplit(rendered.config["upstream"]["base_url"])
     upstream_port = url.port or {"https": 443, "http": 80}[url.scheme]
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
@@ -224,7 +403,7 @@ def test_network_policy_opens_the_grpc_port_and_the_upstream_port(rendered):
 
 
 def test_network_policy_upstream_port_follows_base_url():
-    r = Rendered({"config": {"upstream": {"base_url": "http://auth.internal:8080"}}})
+    r = Rendered({"config": {"upstream": {"base_url": "http://auth.internal:8080", "allow_insecure_http": True}}})
     (policy,) = [p for p in r.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
     assert [p["port"] for p in policy["spec"]["egress"][1]["ports"]] == [8080]
 
@@ -234,7 +413,9 @@ def test_helm_test_pod_checks_the_service(rendered):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (container,) = pod["spec"]["containers"]
     service = [s for s in rendered.all("Service") if "clusterIP" not in s["spec"]][0]
-    port = service["spec"]["ports"][0]["port"]
+    # The gRPC port, or with mTLS the plaintext health port: the pod has no client certificate.
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    port = ports["health" if health_port(rendered) is not None else "grpc"]["port"]
     assert container["args"][:3] == ["health-check", "--addr", f"http://{service['metadata']['name']}:{port}"]
     assert container["args"][3:5] == ["--service", READINESS_SERVICE]
     assert container["image"] == rendered.container["image"]
@@ -485,3 +666,313 @@ def test_schema_and_binary_agree_on_each_methods_settings(method, schemaless_cha
     assert any(not ok for _, ok, _, _ in verdicts)
     signs = method in ("private_key_jwt", "client_secret_jwt")
     assert all(ok == signs for setting, ok, _, _ in verdicts if set(setting) <= {"key_id", "assertion_audience"} and setting)
+
+
+# --- TLS, mTLS, the health port, callers and the upstream CA -----------------------------------
+
+
+def test_a_value_set_renders_mtls_callers_and_an_upstream_ca(rendered_sets):
+    # Not vacuous: the checks above and below see every new key in at least one value set.
+    r = rendered_sets["mtls"]
+    assert mtls(r) and health_port(r) is not None
+    assert r.config["callers"] and any("allowed_callers" in c for c in registered(r))
+    assert "ca_file" in r.config["upstream"]
+
+
+def test_check_config_accepts_tls_mtls_callers_and_the_upstream_ca(rendered_sets, tokengate_bin, tmp_path):
+    r = rendered_sets["mtls"]
+    proc = check_config(tokengate_bin, r, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for line in (
+        f'health_listen = "0.0.0.0:{health_port(r)}"',
+        f'client_ca_file = "{tmp_path}/tls/ca.crt"',
+        f'ca_file = "{tmp_path}/upstream-ca/',
+        'mtls_san = "spiffe://cluster.local/ns/billing/sa/api"',
+        f"max_concurrent_calls = {r.config['server']['max_concurrent_calls']}",
+    ):
+        assert line in proc.stdout, (line, proc.stdout)
+    assert "PRIVATE KEY" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "swap,expected",
+    [({"tls.key": "other.key"}, "do not match"), ({"ca.crt": "tls.key"}, "client_ca_file"),
+     ({"upstream": None}, "ca_file")],
+    ids=["key-mismatch", "bad-client-ca", "missing-upstream-ca"],
+)
+def test_check_config_is_not_vacuous_for_tls(swap, expected, rendered_sets, tokengate_bin, tmp_path):
+    """The same pipeline refuses a key that is not the certificate's, a client CA that is no
+    certificate, and a missing upstream CA file."""
+    r = rendered_sets["mtls"]
+    pki = throwaway_pki()
+    if "upstream" in swap:
+        text = write_mounted_files(r, tmp_path)
+        (tmp_path / "upstream-ca" / "ca.crt").unlink()
+        config = tmp_path / "tokengate.toml"
+        config.write_text(text)
+        proc = subprocess.run([tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, timeout=30)
+    else:
+        proc = check_config(tokengate_bin, r, tmp_path, tls_files={k: pki[v] for k, v in swap.items()})
+    assert proc.returncode == 64, proc
+    assert expected in proc.stderr
+
+
+def test_no_mount_uses_subpath_and_all_are_read_only(rendered):
+    # subPath mounts never see an updated Secret or ConfigMap: rotation would not reach them.
+    for m in rendered.container["volumeMounts"]:
+        assert "subPath" not in m and "subPathExpr" not in m, m
+        assert m["readOnly"] is True, m
+
+
+def test_tls_files_are_in_the_tls_secret_mount(rendered):
+    tls = tls_config(rendered)
+    if tls is None:
+        assert mount(rendered, "tls") is None and volume(rendered, "tls") is None
+        assert "health_listen" not in rendered.config["server"]
+        return
+    directory = mount(rendered, "tls")["mountPath"]
+    source = volume(rendered, "tls")["secret"]
+    assert source["secretName"] == rendered.values["tls"]["existingSecret"]
+    # cert-manager's kubernetes.io/tls layout, file names as the keys.
+    expected = {"cert_file": "tls.crt", "key_file": "tls.key", "client_ca_file": "ca.crt"}
+    assert set(tls) <= set(expected)
+    assert {k: posixpath.basename(v) for k, v in tls.items()} == {k: expected[k] for k in tls}
+    assert {posixpath.dirname(v) for v in tls.values()} == {directory}
+    assert sorted(i["path"] for i in source["items"]) == sorted(posixpath.basename(v) for v in tls.values())
+    assert all(i["key"] == i["path"] for i in source["items"])
+
+
+def test_the_upstream_ca_file_is_in_its_mount(rendered):
+    ca_file = rendered.config["upstream"].get("ca_file")
+    if ca_file is None:
+        assert mount(rendered, "upstream-ca") is None and volume(rendered, "upstream-ca") is None
+        return
+    bundle = rendered.values["upstream"]["caBundle"]
+    source = volume(rendered, "upstream-ca")
+    if bundle.get("configMap"):
+        assert source["configMap"]["name"] == bundle["configMap"]
+    else:
+        assert source["secret"]["secretName"] == bundle["secret"]
+    (item,) = (source.get("configMap") or source.get("secret"))["items"]
+    assert ca_file == posixpath.join(mount(rendered, "upstream-ca")["mountPath"], item["path"])
+    assert item["key"] == bundle["key"]
+
+
+def test_the_upstream_ca_can_come_from_a_secret():
+    r = Rendered({"upstream": {"caBundle": {"secret": "corp-ca", "key": "bundle.pem"}}})
+    assert volume(r, "upstream-ca")["secret"]["secretName"] == "corp-ca"
+    assert r.config["upstream"]["ca_file"].endswith("/bundle.pem")
+
+
+def test_without_mtls_nothing_opens_the_health_port(rendered):
+    if health_port(rendered) is not None:
+        return
+    assert "health_listen" not in rendered.config["server"]
+    port = str(rendered.values.get("healthPort", 50052))
+    for doc in rendered.docs:
+        assert port not in json.dumps(doc.get("spec", {})), doc["kind"]
+
+
+def test_with_mtls_the_health_port_is_open_to_the_test_pod_only(rendered_sets):
+    r = rendered_sets["mtls"]
+    port = health_port(r)
+    (policy,) = [p for p in r.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
+    (rule,) = [i for i in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in i["ports"]]
+    assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+    pod = r.one("Pod", "-test-health")
+    assert rule["from"] == [{"podSelector": {"matchLabels": {
+        k: v for k, v in pod["metadata"]["labels"].items()
+        if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")}}}]
+    # The test pod's own policy lets it reach that port, and only that one, on the servers.
+    test_policy = r.one("NetworkPolicy", "-test-health")
+    server_rule = [e for e in test_policy["spec"]["egress"] if "to" in e]
+    assert [p["port"] for e in server_rule for p in e["ports"]] == [port]
+    # Without the test pod the health port has no rule: the kubelet needs none.
+    values = {**load_values("mtls"), "tests": {"enabled": False}}
+    (policy,) = Rendered(values).all("NetworkPolicy")
+    assert all({"port": port, "protocol": "TCP"} not in i["ports"] for i in policy["spec"]["ingress"])
+
+
+def wait_for_logs(proc, messages: set[str], patience: float = 20.0) -> dict[str, dict]:
+    """The fields of the first JSON log line of each message in `messages`, by message."""
+    deadline = time.monotonic() + patience
+    seen, found = [], {}
+    while time.monotonic() < deadline and set(found) != messages:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line.decode(errors="replace"))
+        try:
+            fields = json.loads(line).get("fields", {})
+        except ValueError:
+            continue
+        if fields.get("message") in messages:
+            found.setdefault(fields["message"], fields)
+    if set(found) != messages:
+        pytest.fail(f"no {messages - set(found)} log line; stdout: {''.join(seen)}")
+    return found
+
+
+def test_the_binary_serves_what_the_probes_and_the_test_pod_check(rendered_sets, tokengate_bin, tmp_path):
+    """Serve the rendered mTLS config (files in place, loopback addresses on free ports) and run
+    the `helm test` pod's health check against the plaintext health port, as the probes do:
+    SERVING. The same plaintext check against the gRPC port fails, so the probes could not use
+    it."""
+    r = rendered_sets["mtls"]
+    (container,) = r.one("Pod", "-test-health")["spec"]["containers"]
+    proc = run_rendered(
+        tokengate_bin, r, tmp_path, ["serve"], popen=True,
+        env_extra={"TOKENGATE_SERVER__LISTEN": "127.0.0.1:0", "TOKENGATE_SERVER__HEALTH_LISTEN": "127.0.0.1:0",
+                   "TOKENGATE_LOG_FORMAT": "json"},
+    )
+    try:
+        logs = wait_for_logs(proc, {"serving plaintext health for probes", "listening"})
+        health = logs["serving plaintext health for probes"]["addr"]
+        grpc = logs["listening"]["addr"]
+        check = lambda addr: subprocess.run(  # noqa: E731
+            [tokengate_bin, "health-check", "--addr", f"http://{addr}", *container["args"][3:]],
+            capture_output=True, text=True, timeout=30,
+        )
+        served = check(health)
+        assert served.returncode == 0 and served.stdout.strip() == "SERVING", served
+        refused = check(grpc)
+        assert refused.returncode != 0, refused
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_tls_without_mtls_is_refused_because_the_binary_has_no_plaintext_health_then(tokengate_bin, tmp_path):
+    """The chart refuses TLS without mTLS, as the probes would fail: the kubelet's gRPC probes
+    speak plaintext, and tokengate serves health_listen only with mTLS. This asserts the binary
+    still behaves so; once it serves plaintext health with TLS alone, this fails, and the chart
+    can drop the refusal and probe the health port whenever TLS is on."""
+    with pytest.raises(helm.HelmRenderError, match="tls.enabled without tls.mtls"):
+        Rendered({"tls": {"enabled": True, "existingSecret": "tls", "mtls": False}})
+    pki = throwaway_pki()
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_text(pki[name])
+    config = tmp_path / "tokengate.toml"
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\nhealth_listen = "127.0.0.1:0"\n'
+        f'[server.tls]\ncert_file = "{tmp_path}/tls.crt"\nkey_file = "{tmp_path}/tls.key"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    proc = subprocess.Popen(
+        [tokengate_bin, "serve", "--log-format", "json", "--config", config],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0,
+    )
+    try:
+        # The health server logs before "listening" when it runs at all.
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "listening" not in lines:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = proc.stdout.readline() if ready else b""
+            if not line:
+                break
+            try:
+                lines.append(json.loads(line).get("fields", {}).get("message"))
+            except ValueError:
+                continue
+        assert "listening" in lines, lines
+        assert "serving plaintext health for probes" not in lines, lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# The binary's defaults for the keys values.yaml sets: the chart must not change them silently.
+DEFAULTED_KEYS = {"server": ["max_concurrent_calls", "max_queued_calls"], "upstream": ["allow_insecure_http"]}
+
+
+def test_values_yaml_defaults_are_the_binarys(tokengate_bin, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    proc = subprocess.run([tokengate_bin, "check-config", "--config", empty], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    binary = tomllib.loads(proc.stdout)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    for section, keys in DEFAULTED_KEYS.items():
+        for key in keys:
+            assert values[section][key] == binary[section][key], (section, key)
+    assert values["callers"] == [] and "callers" not in binary
+
+
+def binary_fields(tokengate_bin, tmp_path, toml: str) -> set[str]:
+    """The field names the binary lists in its "unknown field ..., expected one of" error."""
+    config = tmp_path / "fields.toml"
+    config.write_text(toml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    proc = subprocess.run([tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 64 and "expected" in proc.stderr, proc
+    return set(re.findall(r"`(\w+)`", proc.stderr.split("expected", 1)[1]))
+
+
+CONFIG_SCHEMA = SCHEMA["properties"]["config"]["properties"]
+# Per section: (the TOML that puts an unknown key there, the schema's keys, the keys the chart
+# writes itself and the schema refuses).
+SECTIONS = {
+    "config": ("bogus_key = 1", set(CONFIG_SCHEMA), set()),
+    "server": ("[server]\nbogus_key = 1", set(CONFIG_SCHEMA["server"]["properties"]), {"listen", "health_listen", "tls"}),
+    "server.tls": ('[server.tls]\ncert_file = "a"\nkey_file = "b"\nbogus_key = 1', set(), {"cert_file", "key_file", "client_ca_file"}),
+    "upstream": ("[upstream]\nbogus_key = 1", set(CONFIG_SCHEMA["upstream"]["properties"]), {"ca_file"}),
+    "callers": ('[[callers]]\nname = "a"\nbogus_key = 1', set(CONFIG_SCHEMA["callers"]["items"]["properties"]), set()),
+}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_schema_keys_plus_chart_owned_keys_are_the_binarys(section, tokengate_bin, tmp_path):
+    toml, schema, chart_owned = SECTIONS[section]
+    assert not schema & chart_owned
+    assert schema | chart_owned == binary_fields(tokengate_bin, tmp_path, toml)
+
+
+CALLERS = [
+    {"name": "c", "mtls_san": "spiffe://cluster.local/ns/a/sa/b"},
+    {"name": "c", "mtls_san": "c.internal"},
+    {"name": "c", "api_key_sha256": hashlib.sha256(b"k").hexdigest()},
+    {"name": "c", "api_key_sha256": hashlib.sha256(b"k").hexdigest().upper()},
+    {"name": "c", "api_key_sha256": hashlib.sha256(b"k").hexdigest()[:63]},
+    {"name": "c", "api_key_sha256": hashlib.sha256(b"k").hexdigest() + "0"},
+    {"name": "c", "api_key_sha256": "z" * 64},
+    {"name": "c"},
+    {"name": "c", "mtls_san": "c.internal", "api_key_sha256": hashlib.sha256(b"k").hexdigest()},
+    {"name": "", "api_key_sha256": hashlib.sha256(b"k").hexdigest()},
+]
+
+
+def test_schema_and_binary_agree_on_callers(schemaless_chart, tokengate_bin, tmp_path):
+    """Each caller entry in the mTLS value set: the schema admits it exactly when
+    `tokengate check-config` accepts the config the chart renders for it."""
+    verdicts = []
+    with helm.Chart.load(CHART) as chart:
+        for n, caller in enumerate(CALLERS):
+            values = load_values("mtls")
+            values["config"]["callers"] = [caller]
+            for client in values["config"]["clients"]["registered"]:
+                client.pop("allowed_callers", None)
+            try:
+                chart.validate_schema(values)
+                schema_ok = True
+            except helm.HelmValuesError:
+                schema_ok = False
+            directory = tmp_path / str(n)
+            directory.mkdir()
+            proc = check_config(tokengate_bin, Rendered(values, chart_dir=schemaless_chart), directory)
+            assert proc.returncode in (0, 64), proc
+            verdicts.append((caller, schema_ok, proc.returncode == 0, proc.stderr.strip()))
+    assert [v for v in verdicts if v[1] != v[2]] == []
+    assert sum(ok for _, ok, _, _ in verdicts) == 4

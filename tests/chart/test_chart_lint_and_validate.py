@@ -80,3 +80,5 @@ def test_every_value_set_renders_the_expected_objects(rendered_sets):
     assert kinds["dev"] == sorted(base + ["Secret"])
     assert kinds["production"] == sorted(base + ["HorizontalPodAutoscaler", "PodDisruptionBudget"])
     assert kinds["headless"] == sorted(base + ["PodDisruptionBudget", "Service"])
+    # TLS and the upstream CA come from existing Secrets and ConfigMaps: nothing more rendered.
+    assert kinds["mtls"] == sorted(base + ["PodDisruptionBudget"])

@@ -99,6 +99,38 @@ REFUSED = [
             {"client_id": "a", "auth_method": "private_key_jwt", "key_id": ""}]}}},
         "/config/clients/registered/0/key_id",
     ),
+    # TLS, health and upstream CA paths are the chart's (from tls, healthPort, upstream.caBundle)
+    ({"config": {"server": {"tls": {"cert_file": "/x.crt", "key_file": "/x.key"}}}}, "tls"),
+    ({"config": {"server": {"health_listen": "0.0.0.0:9000"}}}, "health_listen"),
+    ({"config": {"upstream": {"ca_file": "/etc/ca.pem"}}}, "ca_file"),
+    ({"tls": {"certFile": "/x.crt"}}, "certFile"),
+    ({"tls": {"mountPath": "relative/tls"}}, "/tls/mountPath"),
+    # TLS needs its Secret, and mTLS needs TLS
+    ({"tls": {"enabled": True}}, "/tls/existingSecret"),
+    ({"tls": {"mtls": True}}, "/tls/enabled"),
+    ({"tls": {"enabled": "yes"}}, "/tls/enabled"),
+    ({"healthPort": 80}, "/healthPort"),
+    # limits and the plain-http guard
+    ({"config": {"server": {"max_concurrent_calls": 0}}}, "/config/server/max_concurrent_calls"),
+    ({"config": {"server": {"max_queued_calls": -1}}}, "/config/server/max_queued_calls"),
+    ({"config": {"server": {"max_queued_calls": "10"}}}, "/config/server/max_queued_calls"),
+    ({"config": {"upstream": {"allow_insecure_http": "false"}}}, "/config/upstream/allow_insecure_http"),
+    ({"config": {"upstream": {"base_url": "http://auth.internal"}}}, "/config/upstream/allow_insecure_http"),
+    # callers: exactly one of mtls_san and api_key_sha256, the key as 64 hex digits
+    ({"config": {"callers": [{"name": "a", "api_key_sha256": "abc123"}]}}, "/config/callers/0/api_key_sha256"),
+    ({"config": {"callers": [{"name": "a", "api_key_sha256": "g" * 64}]}}, "/config/callers/0/api_key_sha256"),
+    ({"config": {"callers": [{"name": "a", "api_key": "s3cr3t"}]}}, "api_key"),
+    ({"config": {"callers": [{"name": "a"}]}}, "/config/callers/0"),
+    (
+        {"config": {"callers": [{"name": "a", "mtls_san": "a.internal", "api_key_sha256": "a" * 64}]}},
+        "/config/callers/0",
+    ),
+    ({"config": {"callers": [{"api_key_sha256": "a" * 64}]}}, "name"),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "none", "allowed_callers": []}]}}},
+        "/config/clients/registered/0/allowed_callers",
+    ),
+    ({"upstream": {"caBundle": {"configMap": "ca", "key": "a/b"}}}, "/upstream/caBundle/key"),
 ]
 
 
@@ -173,6 +205,35 @@ TEMPLATE_REFUSALS = [
     ),
     (
         {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}},
+        "not both",
+    ),
+    (
+        {"tls": {"enabled": True, "existingSecret": "tg-tls"}},
+        "tls.enabled without tls.mtls cannot pass its probes",
+    ),
+    (
+        {"tls": {"enabled": True, "existingSecret": "tg-tls", "mtls": True}, "healthPort": 50051},
+        "healthPort (50051) must differ from containerPort",
+    ),
+    (
+        {"config": {"callers": [{"name": "billing", "mtls_san": "spiffe://cluster.local/ns/billing/sa/api"}]}},
+        '"billing" is known by mtls_san, which needs mutual TLS',
+    ),
+    (
+        {"config": {"callers": [{"name": "a", "api_key_sha256": "a" * 64}, {"name": "a", "api_key_sha256": "b" * 64}]}},
+        '"a" is named twice',
+    ),
+    (
+        {"config": {"callers": [{"name": "a", "api_key_sha256": "a" * 64}],
+                    "clients": {"registered": [{"client_id": "c", "auth_method": "none", "allowed_callers": ["b"]}]}}},
+        'allowed_callers names "b", which is not in config.callers',
+    ),
+    (
+        {"config": {"clients": {"registered": [{"client_id": "c", "auth_method": "none", "allowed_callers": ["b"]}]}}},
+        'allowed_callers names "b", which is not in config.callers',
+    ),
+    (
+        {"upstream": {"caBundle": {"configMap": "ca", "secret": "ca", "key": "ca.crt"}}},
         "not both",
     ),
 ]

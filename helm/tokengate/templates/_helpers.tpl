@@ -207,16 +207,131 @@ The Secret keys holding private_key_jwt PEM keys, as a JSON list.
 {{- end }}
 
 {{/*
-The tokengate config as a dict, ready for toToml. `server.listen` comes from containerPort, and
-`client_secret_file` (secret methods) and `private_key_file` (private_key_jwt) from
-secret.mountPath, so none of them can drift from the pod spec. The assertion settings
-(signing_alg, key_id, assertion_audience) are passed through as set; the schema admits them only
-for private_key_jwt and client_secret_jwt, as the binary does. Duplicate client ids and several
-default clients are refused here, before the binary would refuse them.
+TLS on the gRPC port: "" (off), or "true". Fails, with the reason, on a TLS setup that could
+not serve: no Secret, or TLS without mTLS. The kubelet's native gRPC probes speak only
+plaintext, and tokengate serves its plaintext health port (server.health_listen) only with mTLS,
+so with TLS alone every probe would fail the handshake and no pod would ever become ready.
+*/}}
+{{- define "tokengate.tls" -}}
+{{- $tls := .Values.tls }}
+{{- if $tls.enabled }}
+{{- if not $tls.existingSecret }}
+{{- fail "tls.enabled needs tls.existingSecret: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (e.g. a cert-manager Certificate's secretName)" }}
+{{- end }}
+{{- if not $tls.mtls }}
+{{- fail "tls.enabled without tls.mtls cannot pass its probes: Kubernetes' gRPC probes are plaintext, and tokengate serves the plaintext health port only with mTLS. Set tls.mtls: true, or leave TLS to a mesh (tls.enabled: false)" }}
+{{- end }}
+{{- true }}
+{{- else if $tls.mtls }}
+{{- fail "tls.mtls needs tls.enabled" }}
+{{- end }}
+{{- end }}
+
+{{/*
+mTLS on the gRPC port: "" (off) or "true". The probes and the `helm test` pod then use the
+plaintext health port, as nothing in Kubernetes can present a client certificate.
+*/}}
+{{- define "tokengate.mtls" -}}
+{{- if and (include "tokengate.tls" .) .Values.tls.mtls }}
+{{- true }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port the probes and the `helm test` pod check: the plaintext health port with mTLS, else
+the gRPC port.
+*/}}
+{{- define "tokengate.probePort" -}}
+{{- if include "tokengate.mtls" . }}
+{{- .Values.healthPort | int }}
+{{- else }}
+{{- .Values.containerPort | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TLS Secret's files: the keys of a kubernetes.io/tls Secret (cert-manager's layout), as a
+JSON list; ca.crt only with mTLS.
+*/}}
+{{- define "tokengate.tlsKeys" -}}
+{{- $keys := list "tls.crt" "tls.key" }}
+{{- if include "tokengate.mtls" . }}
+{{- $keys = append $keys "ca.crt" }}
+{{- end }}
+{{- toJson $keys }}
+{{- end }}
+
+{{/*
+The upstream CA bundle's source as a JSON object {"kind": "configMap"|"secret", "name": ...},
+or {} when none is set. Both set is refused.
+*/}}
+{{- define "tokengate.upstreamCA" -}}
+{{- $ca := .Values.upstream.caBundle }}
+{{- if and $ca.configMap $ca.secret }}
+{{- fail "set upstream.caBundle.configMap or upstream.caBundle.secret, not both" }}
+{{- else if $ca.configMap }}
+{{- toJson (dict "kind" "configMap" "name" $ca.configMap) }}
+{{- else if $ca.secret }}
+{{- toJson (dict "kind" "secret" "name" $ca.secret) }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the upstream CA bundle is mounted: a directory of its own (no subPath), so a changed
+ConfigMap or Secret reaches the file.
+*/}}
+{{- define "tokengate.upstreamCADir" -}}
+/var/run/tokengate/upstream-ca
+{{- end }}
+
+{{/*
+The tokengate config as a dict, ready for toToml. The keys that name ports and files are the
+chart's, so none of them can drift from the pod spec: `server.listen` comes from containerPort,
+`server.health_listen` (with mTLS) from healthPort, `server.tls.*` from tls.mountPath,
+`upstream.ca_file` from the upstream.caBundle mount, and `client_secret_file` (secret methods)
+and `private_key_file` (private_key_jwt) from secret.mountPath. The assertion settings
+(signing_alg, key_id, assertion_audience) and allowed_callers are passed through as set; the
+schema admits the assertion settings only for private_key_jwt and client_secret_jwt, as the
+binary does. Duplicate client ids, several default clients, duplicate caller names, SAN callers
+without mTLS and allowed_callers naming no caller are refused here, before the binary would
+refuse them.
 */}}
 {{- define "tokengate.config" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.server "listen" (printf "0.0.0.0:%d" (.Values.containerPort | int)) }}
+{{- $mtls := include "tokengate.mtls" . }}
+{{- if include "tokengate.tls" . }}
+{{- $tlsDir := .Values.tls.mountPath | trimSuffix "/" }}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir) }}
+{{- if $mtls }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $tlsDir) }}
+{{- end }}
+{{- $_ := set $config.server "tls" $tls }}
+{{- end }}
+{{- if $mtls }}
+{{- if eq (.Values.healthPort | int) (.Values.containerPort | int) }}
+{{- fail (printf "healthPort (%d) must differ from containerPort: with mTLS tokengate serves plaintext health on a port of its own" (.Values.healthPort | int)) }}
+{{- end }}
+{{- $_ := set $config.server "health_listen" (printf "0.0.0.0:%d" (.Values.healthPort | int)) }}
+{{- end }}
+{{- if include "tokengate.upstreamCA" . | fromJson }}
+{{- $_ := set $config.upstream "ca_file" (printf "%s/%s" (include "tokengate.upstreamCADir" .) .Values.upstream.caBundle.key) }}
+{{- end }}
+{{- $callers := dict }}
+{{- range .Values.config.callers }}
+{{- if hasKey $callers .name }}
+{{- fail (printf "config.callers: %q is named twice" .name) }}
+{{- end }}
+{{- $_ := set $callers .name true }}
+{{- if and .mtls_san (not $mtls) }}
+{{- fail (printf "config.callers: %q is known by mtls_san, which needs mutual TLS (tls.enabled and tls.mtls)" .name) }}
+{{- end }}
+{{- end }}
+{{- if not $config.callers }}
+{{- $_ := unset $config "callers" }}
+{{- end }}
 {{- $mount := .Values.secret.mountPath | trimSuffix "/" }}
 {{- $clients := list }}
 {{- $seen := dict }}
@@ -240,9 +355,14 @@ default clients are refused here, before the binary would refuse them.
 {{- $_ := set $client "client_secret_file" (printf "%s/%s" $mount (include "tokengate.secretKey" .)) }}
 {{- end }}
 {{- $entry := . }}
-{{- range list "signing_alg" "key_id" "assertion_audience" }}
+{{- range list "signing_alg" "key_id" "assertion_audience" "allowed_callers" }}
 {{- if hasKey $entry . }}
 {{- $_ := set $client . (get $entry .) }}
+{{- end }}
+{{- end }}
+{{- range .allowed_callers }}
+{{- if not (hasKey $callers .) }}
+{{- fail (printf "client %q: allowed_callers names %q, which is not in config.callers" $entry.client_id .) }}
 {{- end }}
 {{- end }}
 {{- $clients = append $clients $client }}
@@ -252,6 +372,20 @@ default clients are refused here, before the binary would refuse them.
 {{- end }}
 {{- $_ := set $config.clients "registered" $clients }}
 {{- toJson $config }}
+{{- end }}
+
+{{/*
+The config file as TOML. The JSON round trip makes every number a float, which TOML would write
+as "1024.0" and tokengate would refuse for its integer keys, so those are made integers again.
+*/}}
+{{- define "tokengate.configToml" -}}
+{{- $config := include "tokengate.config" . | fromJson }}
+{{- range list "max_concurrent_calls" "max_queued_calls" }}
+{{- if hasKey $config.server . }}
+{{- $_ := set $config.server . (get $config.server . | int64) }}
+{{- end }}
+{{- end }}
+{{- toToml $config }}
 {{- end }}
 
 {{/*
