@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use serde_json::json;
 use tonic::{Code, Status};
 use wiremock::matchers::{method, path};
@@ -38,43 +37,6 @@ fn is_client_side_timeout(status: &Status) -> bool {
         source = error.source();
     }
     false
-}
-
-/// One unary GetToken over HTTP/2 with `grpc-timeout`, without any client-side timer; the
-/// server's error comes back trailers-only, so its status is in the response headers.
-async fn raw_get_token(
-    app: &TestApp,
-    grpc_timeout: &str,
-    request: &tokengate::proto::GetTokenRequest,
-) -> Status {
-    let message = request.encode_to_vec();
-    let mut body = Vec::with_capacity(5 + message.len());
-    body.push(0); // not compressed
-    body.extend_from_slice(
-        &u32::try_from(message.len())
-            .expect("small message")
-            .to_be_bytes(),
-    );
-    body.extend_from_slice(&message);
-    let http = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("an HTTP/2 client");
-    let response = http
-        .post(format!(
-            "http://{}/tokengate.v1.TokenService/GetToken",
-            app.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", grpc_timeout)
-        .body(body)
-        .send()
-        .await
-        .expect("the server answers over HTTP/2");
-    assert_eq!(response.status(), 200, "gRPC always answers HTTP 200");
-    Status::from_header_map(response.headers())
-        .unwrap_or_else(|| panic!("no trailers-only grpc-status in {:?}", response.headers()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

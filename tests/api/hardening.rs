@@ -121,39 +121,6 @@ fn jwt_request(assertion: &str) -> GetTokenRequest {
     }))
 }
 
-/// One unary GetToken over HTTP/2 carrying `grpc-timeout`, with no client-side timer, so
-/// the status is the server's own (see `deadline.rs`).
-async fn raw_get_token(app: &TestApp, grpc_timeout: &str, request: &GetTokenRequest) -> Status {
-    let message = request.encode_to_vec();
-    let mut body = Vec::with_capacity(5 + message.len());
-    body.push(0);
-    body.extend_from_slice(
-        &u32::try_from(message.len())
-            .expect("small message")
-            .to_be_bytes(),
-    );
-    body.extend_from_slice(&message);
-    let http = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("an HTTP/2 client");
-    let response = http
-        .post(format!(
-            "http://{}/tokengate.v1.TokenService/GetToken",
-            app.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", grpc_timeout)
-        .body(body)
-        .send()
-        .await
-        .expect("the server answers over HTTP/2");
-    assert_eq!(response.status(), 200, "gRPC always answers HTTP 200");
-    Status::from_header_map(response.headers())
-        .unwrap_or_else(|| panic!("no trailers-only grpc-status in {:?}", response.headers()))
-}
-
 // ---------------------------------------------------------------------------------------
 // Retries
 // ---------------------------------------------------------------------------------------
