@@ -328,3 +328,15 @@ fn an_extra_upstream_ca_must_be_a_pem_bundle() {
     assert_eq!(code, 64);
     assert!(stderr.contains("ca_file"), "{stderr}");
 }
+
+#[test]
+fn the_local_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/local.toml");
+    let (code, stdout, stderr) = run(&["check-config", "--config", example], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(r#"base_url = "http://127.0.0.1:8080""#),
+        "{stdout}"
+    );
+}
