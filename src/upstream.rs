@@ -385,10 +385,16 @@ fn retry_wait(
 }
 
 async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> {
-    let mut response = builder.send().await.map_err(|e| UpstreamError {
-        // A failed connect means the request never left; anything later may have.
-        not_sent: e.is_connect(),
-        ..unavailable(None, &e)
+    let mut response = builder.send().await.map_err(|e| {
+        if answered_with_garbage(&e) {
+            // It was reached and answered, but not in HTTP: a bad response, not an outage.
+            return UpstreamError::new(UpstreamErrorKind::BadResponse("a reply that is not HTTP"));
+        }
+        UpstreamError {
+            // A failed connect means the request never left; anything later may have.
+            not_sent: e.is_connect(),
+            ..unavailable(None, &e)
+        }
     })?;
     let received_at = SystemTime::now();
     let status = response.status();
@@ -436,6 +442,21 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
         body,
         received_at,
     })
+}
+
+/// Whether the upstream's reply could not be parsed as HTTP at all.
+fn answered_with_garbage(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn unavailable(status: Option<StatusCode>, error: &reqwest::Error) -> UpstreamError {

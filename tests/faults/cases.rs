@@ -27,8 +27,8 @@ const UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
 const TIMEOUT: &str = "UPSTREAM_TIMEOUT";
 const BAD_RESPONSE: &str = "UPSTREAM_BAD_RESPONSE";
 const RATE_LIMITED: &str = "UPSTREAM_RATE_LIMITED";
-/// What a reply that is not HTTP currently yields; see the "not HTTP" case.
-const NOT_HTTP_REASON: &str = UNAVAILABLE;
+/// A reply that is not HTTP: reached, but not a token or an OAuth error (contract §2).
+const NOT_HTTP_REASON: &str = BAD_RESPONSE;
 
 fn case(name: &'static str, mode: Mode, code: Code, reason: &'static str) -> Case {
     Case {
