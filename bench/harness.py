@@ -220,17 +220,23 @@ def percentile(values: list[float], p: float) -> float:
     return float(ordered[int(rank) - 1])
 
 
+def verify(load: Load, url: str, min_bytes_per_call: int) -> None:
+    """Refuses a run in which any call failed or any answer was not a token: a gRPC error is
+    trailers-only, so it adds no DATA bytes."""
+    if load.failed or load.errored or load.succeeded != load.done or load.done == 0:
+        raise BenchError(f"h2load against {url}: {load}")
+    if load.data_bytes < load.done * min_bytes_per_call:
+        raise BenchError(f"h2load against {url}: {load.data_bytes} DATA bytes for {load.done} "
+                         f"calls; some answers were not tokens")
+
+
 def h2load(url: str, cpu: int, args: list[str], headers: list[str], body: Path,
            min_bytes_per_call: int, log: Path | None = None) -> Load:
     argv = ["h2load", "-t1", *args, *headers, "-d", str(body)]
     if log is not None:
         argv += [f"--log-file={log}"]
     load = parse_h2load(run([*argv, url], cpu=cpu))
-    if load.failed or load.errored or load.succeeded != load.done or load.done == 0:
-        raise BenchError(f"h2load against {url}: {load}")
-    if load.data_bytes < load.done * min_bytes_per_call:
-        raise BenchError(f"h2load against {url}: {load.data_bytes} DATA bytes for {load.done} "
-                         f"calls; some answers were not tokens")
+    verify(load, url, min_bytes_per_call)
     if log is not None:
         load.latencies_us = parse_log(log)
         if len(load.latencies_us) != load.done:

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            telemetry::init(cli.log_format);
+            let _log = telemetry::init(cli.log_format);
             let config = match Config::load(config.as_deref()) {
                 Ok(config) => config,
                 Err(e) => {

@@ -3,7 +3,11 @@
 //! No secret ever reaches a field: secrets live in `SecretString` (whose `Debug` is
 //! redacted) and proto messages with credentials have hand-written redacting `Debug`.
 
-use std::io::IsTerminal as _;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal as _, Write};
+use std::os::fd::AsFd as _;
+
+use tracing_appender::non_blocking::WorkerGuard;
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
@@ -19,15 +23,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Lines the log thread may hold before callers wait for it (nothing is dropped).
+const BUFFERED_LINES: usize = 16 * 1024;
+
 /// Installs the global subscriber, writing to stdout. `RUST_LOG` overrides the default
-/// `info` level.
-pub fn init(format: LogFormat) {
+/// `info` level. Keep the returned guard until exit: dropping it flushes what is buffered.
+///
+/// Every call logs a line, so lines are handed to a log thread that writes them in batches:
+/// a `write` per line cost a fifth of a call's CPU time under load.
+pub fn init(format: LogFormat) -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("tokengate-log")
+        .finish(batched_stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
         .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     // A second init (tests that build several apps) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -37,4 +52,15 @@ pub fn init(format: LogFormat) {
             .with_current_span(true)
             .try_init(),
     };
+    guard
+}
+
+/// Stdout without `std`'s line buffering: the log thread flushes whenever it has caught up,
+/// so a quiet server's lines appear at once and a busy one's go out many to a `write`.
+fn batched_stdout() -> Box<dyn Write + Send> {
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(BufWriter::with_capacity(64 * 1024, File::from(fd))),
+        // No descriptor to share (stdout closed): fall back to std's own stdout.
+        Err(_) => Box::new(std::io::stdout()),
+    }
 }

@@ -20,7 +20,10 @@ use wiremock::MockServer;
 /// Logs go to stdout only when `TEST_LOG` is set; the subscriber is installed once.
 static TRACING: LazyLock<()> = LazyLock::new(|| {
     if std::env::var_os("TEST_LOG").is_some() {
-        tokengate::telemetry::init(tokengate::telemetry::LogFormat::Text);
+        // Kept for the life of the test process: dropping it would stop the log thread.
+        std::mem::forget(tokengate::telemetry::init(
+            tokengate::telemetry::LogFormat::Text,
+        ));
     }
 });
 
