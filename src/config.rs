@@ -118,6 +118,10 @@ pub struct UpstreamConfig {
     /// Upper bound on one upstream call; the caller's deadline can only shorten it.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Upstream requests in flight at once, each on its own HTTP/1.1 connection; further
+    /// calls wait for a turn within their deadline. Bounds sockets, memory and the burst the
+    /// upstream sees.
+    pub max_connections: usize,
     /// Permit a plain `http://` base_url (local tests and development only).
     pub allow_insecure_http: bool,
     /// Extra trust roots (PEM) for the upstream, beside the built-in webpki roots.
@@ -133,6 +137,7 @@ impl Default for UpstreamConfig {
             revoke_path: "/restapi/oauth/revoke".to_owned(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            max_connections: 100,
             allow_insecure_http: false,
             ca_file: None,
         }
@@ -308,6 +313,9 @@ impl Config {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if self.server.max_concurrent_calls == 0 {
             return invalid("server.max_concurrent_calls must be at least 1".into());
+        }
+        if self.upstream.max_connections == 0 {
+            return invalid("upstream.max_connections must be at least 1".into());
         }
         if self.server.shutdown_grace_period.is_zero() {
             return invalid("server.shutdown_grace_period must be greater than zero".into());
@@ -654,6 +662,7 @@ mod tests {
         rejects("[upstream]\nbase_url = \"ftp://x.example\"", "http");
         rejects("[upstream]\ntoken_path = \"oauth\"", "token_path");
         rejects("[upstream]\nconnect_timeout = \"0s\"", "connect_timeout");
+        rejects("[upstream]\nmax_connections = 0", "max_connections");
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"",
             "needs client_secret",

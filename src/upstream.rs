@@ -91,6 +91,8 @@ pub struct Upstream {
     token_url: Url,
     revoke_url: Url,
     request_timeout: Duration,
+    /// One permit per upstream request in flight (`upstream.max_connections`).
+    connections: std::sync::Arc<tokio::sync::Semaphore>,
     /// Retries may add at most about a fifth to the upstream's load (plus a trickle), so a
     /// failing upstream is not hammered by every caller's retries at once.
     budget: std::sync::Arc<TpsBudget>,
@@ -261,6 +263,7 @@ impl Upstream {
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(config.max_connections)
             // A token endpoint that redirects is misconfigured; never re-send credentials.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -270,6 +273,7 @@ impl Upstream {
             token_url: join(&config.token_path)?,
             revoke_url: join(&config.revoke_path)?,
             request_timeout: config.request_timeout,
+            connections: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             budget: std::sync::Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
         })
     }
@@ -330,7 +334,12 @@ impl Upstream {
             if let Some((client_id, secret)) = request.basic {
                 builder = builder.basic_auth(client_id, Some(secret.expose_secret()));
             }
-            let result = match tokio::time::timeout_at(until, send(builder)).await {
+            // Waiting for a connection counts against the same deadline as the call itself.
+            let attempt_once = async {
+                let _permit = self.connections.acquire().await;
+                send(builder).await
+            };
+            let result = match tokio::time::timeout_at(until, attempt_once).await {
                 Ok(result) => result,
                 Err(_elapsed) if callers => {
                     Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))

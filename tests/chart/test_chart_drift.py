@@ -894,7 +894,7 @@ def test_tls_without_mtls_is_refused_because_the_binary_has_no_plaintext_health_
 
 
 # The binary's defaults for the keys values.yaml sets: the chart must not change them silently.
-DEFAULTED_KEYS = {"server": ["max_concurrent_calls", "max_queued_calls"], "upstream": ["allow_insecure_http"]}
+DEFAULTED_KEYS = {"server": ["max_concurrent_calls", "max_queued_calls"], "upstream": ["max_connections", "allow_insecure_http"]}
 
 
 def test_values_yaml_defaults_are_the_binarys(tokengate_bin, tmp_path):

@@ -113,6 +113,7 @@ REFUSED = [
     # limits and the plain-http guard
     ({"config": {"server": {"max_concurrent_calls": 0}}}, "/config/server/max_concurrent_calls"),
     ({"config": {"server": {"max_queued_calls": -1}}}, "/config/server/max_queued_calls"),
+    ({"config": {"upstream": {"max_connections": 0}}}, "/config/upstream/max_connections"),
     ({"config": {"server": {"max_queued_calls": "10"}}}, "/config/server/max_queued_calls"),
     ({"config": {"upstream": {"allow_insecure_http": "false"}}}, "/config/upstream/allow_insecure_http"),
     ({"config": {"upstream": {"base_url": "http://auth.internal"}}}, "/config/upstream/allow_insecure_http"),

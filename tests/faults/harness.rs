@@ -60,8 +60,12 @@ impl Gate {
     }
 
     pub async fn start_with(base_url: &str, request_timeout: Duration) -> Self {
-        let config = Config::from_toml(&config_toml(base_url, request_timeout)).unwrap();
-        let app = Application::build(&config).await.unwrap();
+        Self::start_config(&Config::from_toml(&config_toml(base_url, request_timeout)).unwrap())
+            .await
+    }
+
+    pub async fn start_config(config: &Config) -> Self {
+        let app = Application::build(config).await.unwrap();
         let addr = app.local_addr();
         let (shutdown, stop) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {

@@ -6,6 +6,7 @@
 //!   and the next healthy call succeeds.
 //! - `storms`: concurrent 429 and 503 storms, the rate-limit guard, the retry budget,
 //!   flapping between healthy and failing.
+//! - `connections`: `upstream.max_connections` bounds the requests open upstream at once.
 //! - `leaks`: no task outlives the calls (100 vs 1,000 faulty calls).
 //! - `binary`: the real binary shows no panic, drains on SIGTERM, and its RSS stays
 //!   bounded over 10,000 faulty calls.
@@ -14,6 +15,7 @@
 
 mod binary;
 mod cases;
+mod connections;
 mod harness;
 mod leaks;
 mod outcomes;

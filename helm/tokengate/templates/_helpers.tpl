@@ -385,6 +385,9 @@ as "1024.0" and tokengate would refuse for its integer keys, so those are made i
 {{- $_ := set $config.server . (get $config.server . | int64) }}
 {{- end }}
 {{- end }}
+{{- if hasKey $config.upstream "max_connections" }}
+{{- $_ := set $config.upstream "max_connections" ($config.upstream.max_connections | int64) }}
+{{- end }}
 {{- toToml $config }}
 {{- end }}
 
