@@ -77,9 +77,10 @@ def results(cpu_ratio: float, added_p50: float, idle_kib: int) -> dict:
     return {
         "rounds": [round_, round_, round_],
         "half": {n: {"rps": 5000.0, "p50": 100.0, "p99": 300.0} for n in ("tokengate", "echo")},
-        "rss": {"tokengate_idle_kib": idle_kib, "echo_idle_kib": 4000,
+        "rss": {"tokengate_idle_kib": idle_kib, "tokengate_idle_anon_kib": 1500, "echo_idle_kib": 4000,
                 "tokengate_after_load_kib": 9000, "tokengate_threads": 3},
-        "inflight": {"max_in_flight_upstream": 1000, "rss_peak_kib": 30000},
+        "inflight": {"max_in_flight_upstream": 100, "rss_peak_kib": 30000},
+        "inflight_uncapped": {"max_in_flight_upstream": 1000, "rss_peak_kib": 50000},
         "startup": {"tokengate": [5.0, 6.0], "echo": [1.0, 2.0]},
         "environment": {"commit": "abc", "date": "d", "cpu": "c", "nproc": 2, "kernel": "k",
                         "governor": "g", "h2load": "h"},
