@@ -37,6 +37,7 @@ METHOD = "/tokengate.v1.TokenService/GetToken"
 GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
 CLIENT_SECRET = "bench-secret-0123456789abcdef"
 SUT_CPU, LOAD_CPU = 1, 0
+HALF_RATE_CONNECTIONS = 16
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -341,11 +342,14 @@ class Bench:
         half = {}
         for name in ("tokengate", "echo"):
             rate = statistics.median(x["saturation"][name]["rps"] for x in rounds) / 2
-            per_conn = max(1, round(rate / 4))
+            # One stream per connection: h2load's rate timer sends a connection's streams in
+            # bursts, which would measure its own queueing rather than the server's.
+            per_conn = max(1, round(rate / HALF_RATE_CONNECTIONS))
             load = self.grpc(getattr(self, name),
-                             ["-c4", "-m8", f"--rps={per_conn}", f"-D{s.half_rate_s}"],
+                             [f"-c{HALF_RATE_CONNECTIONS}", "-m1", f"--rps={per_conn}",
+                              f"-D{s.half_rate_s}"],
                              self.work / f"half-{name}.log")
-            half[name] = {"target_rps": per_conn * 4, "rps": load.rps,
+            half[name] = {"target_rps": per_conn * HALF_RATE_CONNECTIONS, "rps": load.rps,
                           "p50": percentile(load.latencies_us, 50),
                           "p99": percentile(load.latencies_us, 99)}
         print(f"half saturation: {json.dumps(half)}", flush=True)
