@@ -295,7 +295,7 @@ async fn drive(served: &Served, requests: &[GetTokenRequest]) -> usize {
 #[tokio::test]
 async fn no_secret_reaches_the_logs_at_trace_level() {
     let upstream = MockServer::start().await;
-    let served = Served::start(&config(&upstream.uri()), &[("RUST_LOG", "trace")]).await;
+    let mut served = Served::start(&config(&upstream.uri()), &[("RUST_LOG", "trace")]).await;
     let mut calls = drive(&served, &locally_refused()).await;
     for (name, response) in scenarios() {
         upstream.reset().await;
@@ -312,8 +312,10 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
-    let refused = Served::start(&config(&closed), &[("RUST_LOG", "trace")]).await;
+    let mut refused = Served::start(&config(&closed), &[("RUST_LOG", "trace")]).await;
     calls += drive(&refused, &every_request()).await;
+    served.stop().await;
+    refused.stop().await;
 
     let finished = |served: &Served| {
         served

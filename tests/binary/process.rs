@@ -146,6 +146,15 @@ impl Served {
         assert!(status.success(), "kill -{name} {pid}");
     }
 
+    /// SIGTERM, a clean exit, and every log line read: logs are written by a background
+    /// thread, so a line can reach stdout after the call it describes has returned.
+    pub async fn stop(&mut self) {
+        self.signal("TERM");
+        assert_eq!(self.exit_code().await, 0, "{}", self.output());
+        // The drain verdict is the last line the process writes.
+        self.wait_for(|e| e["fields"]["drained"].is_boolean()).await;
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub async fn exit_code(&mut self) -> i32 {
         let status = timeout(PATIENCE, self.child.wait())
