@@ -299,7 +299,7 @@ class Bench:
         ticks = server.cpu_ticks()
         load = self.grpc(server, ["-c4", "-m32", f"-D{self.s.saturation_s}"])
         ticks = server.cpu_ticks() - ticks
-        busy = {cpu: share for cpu, share in core_busy(busy0).items()}
+        busy = core_busy(busy0)
         return {"rps": load.rps, "calls": load.done,
                 "cpu_us_per_call": ticks / TICKS * 1e6 / load.done,
                 "sut_core_busy": busy[SUT_CPU], "load_core_busy": busy[LOAD_CPU]}

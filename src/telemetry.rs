@@ -7,9 +7,8 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal as _, Write};
 use std::os::fd::AsFd as _;
 
-use tracing_appender::non_blocking::WorkerGuard;
-
 use clap::ValueEnum;
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
