@@ -8,7 +8,7 @@ use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::config::CallerConfig;
+use crate::config::{CallerConfig, parse_sha256};
 
 /// The registered callers. Empty: every caller that reaches the port may call.
 #[derive(Debug, Default)]
@@ -75,19 +75,6 @@ impl Callers {
         }
         Err(Unauthenticated)
     }
-}
-
-/// Parses 64 hex digits.
-pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// The URI and DNS subject alternative names of a certificate.

@@ -24,6 +24,17 @@ struct Registered {
     method: Method,
     allowed_grants: Option<BTreeSet<GrantKind>>,
     allowed_callers: Option<BTreeSet<String>>,
+    /// `false`: the broker passes this client's calls straight through.
+    cache: bool,
+}
+
+/// The client a request speaks for, decided before anything is signed or sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolved<'a> {
+    /// The named or default client; `None` only with a caller's own assertion.
+    pub client_id: Option<&'a str>,
+    /// Whether the broker may cache, coalesce and replay this client's calls.
+    pub caches: bool,
 }
 
 /// A registered client's method with exactly the credential it needs.
@@ -132,7 +143,7 @@ impl<'a> ClientAuth<'a> {
 }
 
 /// Why a request's client cannot be used. Decided before anything goes upstream.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
     #[error("client_id {0:?} is not registered and public clients are not allowed")]
     Unknown(String),
@@ -201,6 +212,7 @@ impl Clients {
                     method,
                     allowed_grants: c.allowed_grants.clone(),
                     allowed_callers: c.allowed_callers.clone(),
+                    cache: c.cache,
                 },
             );
         }
@@ -238,6 +250,42 @@ impl Clients {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Which client a request speaks for, and whether it may use its grant: every check
+    /// of [`Clients::resolve`], without signing anything.
+    pub fn check<'a>(
+        &'a self,
+        client_id: Option<&'a str>,
+        has_assertion: bool,
+        grant: Option<GrantKind>,
+    ) -> Result<Resolved<'a>, ClientError> {
+        let client_id = client_id.or(self.default.as_deref());
+        let registered = client_id.and_then(|id| self.by_id.get(id));
+        if let (Some(client), Some(grant)) = (registered, grant)
+            && client
+                .allowed_grants
+                .as_ref()
+                .is_some_and(|allowed| !allowed.contains(&grant))
+        {
+            return Err(ClientError::GrantNotAllowed {
+                client_id: client_id.unwrap_or_default().to_owned(),
+                grant,
+            });
+        }
+        if registered.is_none() && !self.allow_public {
+            return Err(match client_id {
+                Some(id) => ClientError::Unknown(id.to_owned()),
+                None => ClientError::Missing,
+            });
+        }
+        if client_id.is_none() && !has_assertion {
+            return Err(ClientError::Missing);
+        }
+        Ok(Resolved {
+            client_id,
+            caches: registered.is_none_or(|c| c.cache),
+        })
     }
 
     /// Decides how a request authenticates. `grant` is `None` for revocation, which any

@@ -24,6 +24,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub clients: ClientsConfig,
+    /// The token broker (contract §8): cache, coalescing, replay, fleet-wide state.
+    pub cache: CacheConfig,
     /// Who may call; empty lets every caller that reaches the port use every client.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub callers: Vec<CallerConfig>,
@@ -162,6 +164,123 @@ impl Default for ClientsConfig {
     }
 }
 
+/// `[cache]`: what the broker keeps, for how long, and where (contract §8).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub backend: CacheBackend,
+    /// Grants whose tokens are cached and shared; every other grant is replayed instead.
+    pub grants: BTreeSet<GrantKind>,
+    /// Renew in the background when less than this is left (jittered by up to a tenth).
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead: Duration,
+    /// Never hand out a token with less than this left; callers wait for the renewal.
+    #[serde(with = "humantime_serde")]
+    pub min_remaining: Duration,
+    /// How long the definitive result of a non-cached grant answers identical requests.
+    #[serde(with = "humantime_serde")]
+    pub replay_window: Duration,
+    /// Entries kept in memory (the memory backend, and the local layer in front of Redis).
+    pub max_entries: u64,
+    /// 32 or more random bytes: identities are HMACs and values AES-256-GCM under keys
+    /// derived from it. Absent with `memory`: a random key per process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    pub redis: RedisConfig,
+    /// The key material read from `key_file` at load time.
+    #[serde(skip)]
+    pub key: Option<CacheKey>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            backend: CacheBackend::Memory,
+            grants: [
+                GrantKind::ClientCredentials,
+                GrantKind::JwtBearer,
+                GrantKind::PartnerJwt,
+                GrantKind::PersonalJwt,
+                GrantKind::DeviceCertificate,
+            ]
+            .into(),
+            refresh_ahead: Duration::from_secs(5 * 60),
+            min_remaining: Duration::from_secs(60),
+            replay_window: Duration::from_secs(30),
+            max_entries: 100_000,
+            key_file: None,
+            redis: RedisConfig::default(),
+            key: None,
+        }
+    }
+}
+
+/// Where the broker's state lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBackend {
+    /// In this process only: one replica, alone.
+    #[default]
+    Memory,
+    /// Shared by every replica through Redis, with a memory layer in front.
+    Redis,
+}
+
+/// `[cache.redis]`: the shared store of a fleet.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` (TLS); several URLs separated by commas mean Redis Cluster.
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Extra trust roots (PEM) for `rediss://`, beside the built-in webpki roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    pub key_prefix: String,
+    /// A Redis call slower than this counts as Redis being down, for that call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The password read from `password_file` at load time.
+    #[serde(skip)]
+    pub password: Option<SecretString>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://redis:6379/0".to_owned(),
+            password_file: None,
+            ca_file: None,
+            key_prefix: "tokengate:".to_owned(),
+            timeout: Duration::from_millis(50),
+            password: None,
+        }
+    }
+}
+
+/// The cache key material: at least [`CacheKey::MIN_BYTES`] bytes, never printed.
+#[derive(Clone)]
+pub struct CacheKey(std::sync::Arc<secrecy::SecretSlice<u8>>);
+
+impl CacheKey {
+    pub const MIN_BYTES: usize = 32;
+
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(std::sync::Arc::new(bytes.into()))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheKey([REDACTED])")
+    }
+}
+
 /// How tokengate authenticates a registered client upstream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -240,12 +359,20 @@ pub struct RegisteredClient {
     /// Names from `[[callers]]` that may use this client; absent: every authenticated caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_callers: Option<BTreeSet<String>>,
+    /// `false`: this client's calls pass straight through (no cache, coalescing or replay),
+    /// and its responses keep their refresh tokens.
+    #[serde(default = "enabled")]
+    pub cache: bool,
     /// `aud` of the signed assertion; default the token endpoint URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assertion_audience: Option<String>,
     /// The secret actually used: inline or read from the file at load time.
     #[serde(skip)]
     pub secret: Option<SecretString>,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 fn redacted<S: Serializer>(
@@ -405,6 +532,7 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("client {id:?}: {e}")))?;
         }
         self.validate_callers()?;
+        self.validate_cache()?;
         if let Some(tls) = &self.server.tls {
             tls.files().load().map_err(ConfigError::Invalid)?;
         }
@@ -438,7 +566,7 @@ impl Config {
                         "caller {name:?}: mtls_san needs mTLS (server.tls.client_ca_file)"
                     ));
                 }
-                (None, Some(hex)) if crate::caller::parse_sha256(hex).is_none() => {
+                (None, Some(hex)) if parse_sha256(hex).is_none() => {
                     return invalid(format!(
                         "caller {name:?}: api_key_sha256 must be 64 hex digits"
                     ));
@@ -455,6 +583,84 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn validate_cache(&mut self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let cache = &mut self.cache;
+        if cache.max_entries == 0 {
+            return invalid("cache.max_entries must be at least 1".into());
+        }
+        if cache.replay_window.is_zero() {
+            return invalid("cache.replay_window must be greater than zero".into());
+        }
+        if cache.min_remaining > cache.refresh_ahead {
+            return invalid(format!(
+                "cache.min_remaining ({}) must not exceed cache.refresh_ahead ({}): renewal must \
+                 start before callers have to wait for it",
+                humantime::format_duration(cache.min_remaining),
+                humantime::format_duration(cache.refresh_ahead)
+            ));
+        }
+        if let Some(path) = &cache.key_file {
+            let bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cache.key_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            if bytes.len() < CacheKey::MIN_BYTES {
+                return invalid(format!(
+                    "cache.key_file {} holds {} bytes; at least {} random bytes are needed \
+                     (e.g. head -c 32 /dev/urandom)",
+                    path.display(),
+                    bytes.len(),
+                    CacheKey::MIN_BYTES
+                ));
+            }
+            cache.key = Some(CacheKey::new(bytes));
+        }
+        if cache.backend != CacheBackend::Redis {
+            return Ok(());
+        }
+        if cache.key.is_none() {
+            return invalid(
+                "cache.backend = \"redis\" needs cache.key_file: every replica must share the \
+                 key that makes identities and values unreadable to Redis"
+                    .into(),
+            );
+        }
+        let redis = &mut cache.redis;
+        if redis.timeout.is_zero() {
+            return invalid("cache.redis.timeout must be greater than zero".into());
+        }
+        for url in redis.url.split(',').map(str::trim) {
+            match reqwest::Url::parse(url) {
+                Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => {}
+                Ok(parsed) => {
+                    return invalid(format!(
+                        "cache.redis.url: scheme {:?} is not redis:// or rediss://",
+                        parsed.scheme()
+                    ));
+                }
+                Err(e) => return invalid(format!("cache.redis.url is not a URL: {e}")),
+            }
+        }
+        if let Some(path) = &redis.ca_file
+            && let Err(e) = load_ca_file(path)
+        {
+            return invalid(format!("cache.redis.ca_file: {e}"));
+        }
+        if let Some(path) = &redis.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cache.redis.password_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            redis.password = Some(SecretString::from(trim_newline(&text)));
         }
         Ok(())
     }
@@ -530,6 +736,19 @@ impl RegisteredClient {
     }
 }
 
+/// Parses 64 hex digits.
+pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Reads a PEM bundle of trust roots; it must hold at least one certificate.
 pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -549,11 +768,14 @@ fn read_secret_file(client_id: &str, path: &Path) -> Result<SecretString, Config
             path.display()
         ))
     })?;
-    let secret = text
-        .strip_suffix('\n')
+    Ok(SecretString::from(trim_newline(&text)))
+}
+
+/// Drops one trailing newline (editors and `echo` add one).
+fn trim_newline(text: &str) -> &str {
+    text.strip_suffix('\n')
         .map(|s| s.strip_suffix('\r').unwrap_or(s))
-        .unwrap_or(&text);
-    Ok(SecretString::from(secret))
+        .unwrap_or(text)
 }
 
 #[cfg(test)]

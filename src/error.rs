@@ -30,8 +30,8 @@ pub const RATE_LIMIT_RETRY: Duration = Duration::from_secs(30);
 /// Wait suggested when tokengate itself sheds load.
 const OVERLOAD_RETRY: Duration = Duration::from_secs(1);
 
-/// Why a call failed.
-#[derive(Debug)]
+/// Why a call failed. Cloned when one upstream call answers several callers.
+#[derive(Clone, Debug)]
 pub enum Failure {
     /// The request failed local validation.
     InvalidRequest(Vec<Violation>),
@@ -60,6 +60,11 @@ pub struct CallError {
     pub failure: Failure,
     pub grant: Option<GrantKind>,
     pub client_id: Option<String>,
+}
+
+/// The ErrorInfo reason of a failure, for logs that have no call around them.
+pub fn reason(failure: &Failure) -> &'static str {
+    classify(failure).1
 }
 
 impl CallError {
@@ -116,6 +121,11 @@ fn classify_upstream(
         UpstreamErrorKind::Timeout => (Code::Unavailable, "UPSTREAM_TIMEOUT", None),
         UpstreamErrorKind::BadResponse(_) => (Code::Unavailable, "UPSTREAM_BAD_RESPONSE", None),
         UpstreamErrorKind::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", None),
+        UpstreamErrorKind::Held(wait) => (
+            Code::ResourceExhausted,
+            "UPSTREAM_RATE_LIMITED",
+            Some(*wait),
+        ),
     }
 }
 
@@ -234,6 +244,10 @@ fn upstream_message(error: &UpstreamError) -> String {
         UpstreamErrorKind::DeadlineExceeded => {
             "the call's deadline passed before the upstream answered".to_owned()
         }
+        UpstreamErrorKind::Held(wait) => format!(
+            "not sent: the upstream rate-limited this client; retry in {} s",
+            wait.as_secs_f64().ceil()
+        ),
     }
 }
 

@@ -6,12 +6,13 @@
 
 pub mod admission;
 pub mod assertion;
+pub mod broker;
 pub mod caller;
 pub mod client;
 pub mod config;
+pub mod direct;
 pub mod error;
 pub mod grant;
-pub mod guard;
 pub mod proto;
 pub mod service;
 pub mod startup;

@@ -1,7 +1,7 @@
 //! The generated `tokengate.v1` types, quarantined here with their lint allowances.
 //!
-//! Messages that carry credentials or tokens have no derived `Debug` (see `build.rs`); the
-//! impls below print which fields are set, never their values.
+//! No generated type derives `Debug` unless `build.rs` lists it as free of secrets; the
+//! impls below print which secret fields are set, never their values.
 
 #![allow(
     clippy::all,
@@ -55,11 +55,14 @@ redacted_debug!(DeviceCodeGrant {} secret { device_code });
 redacted_debug!(OtpGrant {} secret { code });
 redacted_debug!(PersonalJwtGrant {} secret { assertion });
 redacted_debug!(ClientAssertion {} secret { assertion });
+redacted_debug!(GetTokenRequest {
+    grant, client_id, client_assertion, scopes, endpoint_id, access_token_ttl, refresh_token_ttl,
+} secret { rejected_access_token });
 redacted_debug!(RevokeTokenRequest { client_id, client_assertion } secret { token });
 redacted_debug!(GetTokenResponse {
     token_type, expires_in, expires_at, refresh_token_expires_in, refresh_token_expires_at,
     scopes, owner_id, endpoint_id, session_id, session_expires_in, session_expiration_time,
-    session_idle_timeout,
+    session_idle_timeout, source,
 } secret { access_token, refresh_token, id_token });
 
 #[cfg(test)]
@@ -79,11 +82,17 @@ mod tests {
             client_assertion: Some(ClientAssertion {
                 assertion: "eyJ-client-assertion".into(),
             }),
+            rejected_access_token: "at-rejected-secret".into(),
             ..Default::default()
         };
         let shown = format!("{request:?}");
         assert!(shown.contains("alice@example.com"), "{shown}");
-        for secret in ["hunter2-password", "9876-pin", "eyJ-client-assertion"] {
+        for secret in [
+            "hunter2-password",
+            "9876-pin",
+            "eyJ-client-assertion",
+            "at-rejected-secret",
+        ] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
         assert!(shown.contains("[REDACTED]"));

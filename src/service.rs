@@ -10,19 +10,14 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, field};
 
-use crate::admission::{Admission, Refusal};
+use crate::broker::{Ask, Broker, Source};
 use crate::caller::{Callers, Unauthenticated};
 use crate::client::{ClientError, Clients};
-use crate::error::RATE_LIMIT_RETRY;
+use crate::direct::Direct;
 use crate::error::{CallError, Failure};
-use crate::grant::{FormField, GrantKind, RevokeRequest, TokenRequest};
-use crate::guard::{GuardKey, RateLimitGuard};
+use crate::grant::{GrantKind, RevokeRequest, TokenRequest};
 use crate::proto::{self, token_service_server::TokenService};
-use crate::upstream::{Outgoing, Replay, Token, Upstream, UpstreamError, UpstreamErrorKind};
-
-/// How long after a refresh RingCentral answers the same refresh token identically, so a
-/// re-send cannot spend it twice (upstream reference §9: "about 10 s").
-const REFRESH_REPLAY_WINDOW: Duration = Duration::from_secs(10);
+use crate::upstream::Token;
 
 /// tonic's own `grpc-timeout` layer answers CANCELLED at the caller's deadline, timed from
 /// a little before our handler starts; ending our work this much earlier lets us answer
@@ -38,10 +33,8 @@ pub struct TokenGate {
 #[derive(Debug)]
 struct Inner {
     callers: Callers,
-    clients: Clients,
-    upstream: Upstream,
-    guard: RateLimitGuard,
-    admission: Admission,
+    clients: Arc<Clients>,
+    broker: Broker<Direct>,
 }
 
 impl TokenGate {
@@ -50,70 +43,14 @@ impl TokenGate {
         self.inner.clients.signers()
     }
 
-    pub fn new(
-        callers: Callers,
-        clients: Clients,
-        upstream: Upstream,
-        admission: Admission,
-    ) -> Self {
+    pub fn new(callers: Callers, clients: Arc<Clients>, broker: Broker<Direct>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 callers,
                 clients,
-                upstream,
-                guard: RateLimitGuard::default(),
-                admission,
+                broker,
             }),
         }
-    }
-
-    /// Refuses what the upstream is rate-limiting anyway, then waits for a turn.
-    async fn admit(
-        &self,
-        call: &Call,
-        user: Option<&str>,
-        deadline: Option<Instant>,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
-        let client_id = call.client_id.as_deref().unwrap_or_default();
-        if let Some(wait) = self.inner.guard.remaining(client_id, user) {
-            return Err(call.fail(Failure::RateLimited(wait)));
-        }
-        self.inner
-            .admission
-            .admit(deadline)
-            .await
-            .map_err(|refusal| {
-                call.fail(match refusal {
-                    Refusal::Overloaded => Failure::Overloaded,
-                    Refusal::DeadlineExceeded => Failure::DeadlineExceeded,
-                })
-            })
-    }
-
-    /// Resolves the client and builds the POST: the request's own fields, then client
-    /// authentication. Returns it with whether the caller supplied the credentials.
-    fn outgoing<'a>(
-        &'a self,
-        call: &mut Call,
-        client_id: Option<&'a str>,
-        assertion: Option<&'a SecretString>,
-        grant: Option<GrantKind>,
-        mut fields: Vec<FormField<'a>>,
-        replay: Replay,
-    ) -> Result<(Outgoing<'a>, bool), CallError> {
-        let auth = self
-            .inner
-            .clients
-            .resolve(client_id, assertion, grant)
-            .map_err(|e| call.fail(Failure::Client(e)))?;
-        call.authenticated(auth.client_id());
-        auth.push_fields(&mut fields);
-        let outgoing = Outgoing {
-            fields,
-            basic: auth.basic(),
-            replay,
-        };
-        Ok((outgoing, auth.from_caller()))
     }
 
     async fn get_token(
@@ -121,7 +58,7 @@ impl TokenGate {
         request: proto::GetTokenRequest,
         caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
-    ) -> Result<Token, CallError> {
+    ) -> Result<(Token, Source), CallError> {
         let mut call = Call::start(
             request.grant.as_ref().map(grant_kind_of),
             &request.client_id,
@@ -129,28 +66,29 @@ impl TokenGate {
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = TokenRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
-        let kind = request.grant.kind();
-        let replay = match kind {
-            GrantKind::AuthorizationCode => Replay::Never,
-            GrantKind::RefreshToken => Replay::Within(REFRESH_REPLAY_WINDOW),
-            _ => Replay::Always,
-        };
-        self.inner
-            .clients
+        let clients = &self.inner.clients;
+        clients
             .authorize(caller, request.client_id.as_deref())
             .map_err(|e| call.fail(Failure::Client(e)))?;
-        let (outgoing, caller_credentials) = self.outgoing(
-            &mut call,
-            request.client_id.as_deref(),
-            request.client_assertion.as_ref(),
-            Some(kind),
-            request.form_fields(),
-            replay,
-        )?;
-        let user = request.user();
-        let _turn = self.admit(&call, user.as_deref(), deadline).await?;
-        let result = self.inner.upstream.token(&outgoing, deadline).await;
-        call.upstream(result, caller_credentials, &self.inner.guard, user)
+        let resolved = clients
+            .check(
+                request.client_id.as_deref(),
+                request.client_assertion.is_some(),
+                Some(request.grant.kind()),
+            )
+            .map_err(|e| call.fail(Failure::Client(e)))?;
+        call.authenticated(resolved.client_id);
+        let ask = Ask {
+            client_id: resolved.client_id.map(str::to_owned),
+            caches: resolved.caches,
+            request,
+            deadline,
+        };
+        self.inner
+            .broker
+            .token(ask)
+            .await
+            .map_err(|failure| call.fail(failure))
     }
 
     async fn revoke(
@@ -163,21 +101,23 @@ impl TokenGate {
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = RevokeRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
-        self.inner
-            .clients
+        let clients = &self.inner.clients;
+        clients
             .authorize(caller, request.client_id.as_deref())
             .map_err(|e| call.fail(Failure::Client(e)))?;
-        let (outgoing, caller_credentials) = self.outgoing(
-            &mut call,
-            request.client_id.as_deref(),
-            request.client_assertion.as_ref(),
-            None,
-            request.form_fields(),
-            Replay::Always,
-        )?;
-        let _turn = self.admit(&call, None, deadline).await?;
-        let result = self.inner.upstream.revoke(&outgoing, deadline).await;
-        call.upstream(result, caller_credentials, &self.inner.guard, None)
+        let resolved = clients
+            .check(
+                request.client_id.as_deref(),
+                request.client_assertion.is_some(),
+                None,
+            )
+            .map_err(|e| call.fail(Failure::Client(e)))?;
+        call.authenticated(resolved.client_id);
+        let broker = &self.inner.broker;
+        let result = broker.fetcher().revoke(&request, deadline).await;
+        // Whatever the upstream said, no cached answer may hand the token out again.
+        broker.forget(request.token.expose_secret()).await;
+        result.map_err(|failure| call.fail(failure))
     }
 }
 
@@ -217,32 +157,6 @@ impl Call {
             grant: self.grant,
             client_id: self.client_id.clone(),
         }
-    }
-
-    /// Labels an upstream failure, and after a 429 stops further sends for this client (or
-    /// user) until the upstream's wait has passed.
-    fn upstream<T>(
-        &self,
-        result: Result<T, UpstreamError>,
-        caller_credentials: bool,
-        guard: &RateLimitGuard,
-        user: Option<String>,
-    ) -> Result<T, CallError> {
-        if let Err(error) = &result
-            && error.kind == UpstreamErrorKind::RateLimited
-        {
-            let key = GuardKey {
-                client_id: self.client_id.clone().unwrap_or_default(),
-                user,
-            };
-            guard.penalise(key, error.retry_after.unwrap_or(RATE_LIMIT_RETRY));
-        }
-        result.map_err(|error| {
-            self.fail(Failure::Upstream {
-                error,
-                caller_credentials,
-            })
-        })
     }
 }
 
@@ -295,15 +209,35 @@ fn duration(seconds: Option<u64>) -> Option<prost_types::Duration> {
     })
 }
 
+/// `start + seconds`, left unset past 9999-12-31, the last instant a Timestamp may hold.
 fn instant_after(start: SystemTime, seconds: Option<u64>) -> Option<prost_types::Timestamp> {
+    const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
     let at = start.checked_add(Duration::from_secs(seconds?))?;
-    Some(prost_types::Timestamp::from(at))
+    Some(prost_types::Timestamp::from(at)).filter(|t| t.seconds <= MAX_TIMESTAMP_SECONDS)
 }
 
 fn expose(secret: Option<SecretString>) -> String {
     secret
         .map(|s| s.expose_secret().to_owned())
         .unwrap_or_default()
+}
+
+impl From<Source> for proto::TokenSource {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::Upstream => Self::Upstream,
+            Source::Cache => Self::Cache,
+            Source::Coalesced => Self::Coalesced,
+            Source::Replayed => Self::Replayed,
+        }
+    }
+}
+
+fn response((token, source): (Token, Source)) -> proto::GetTokenResponse {
+    proto::GetTokenResponse {
+        source: proto::TokenSource::from(source).into(),
+        ..token.into()
+    }
 }
 
 impl From<Token> for proto::GetTokenResponse {
@@ -342,6 +276,7 @@ impl From<Token> for proto::GetTokenResponse {
             session_expires_in: duration(token.session_expires_in),
             session_expiration_time,
             session_idle_timeout: duration(token.session_idle_timeout),
+            source: proto::TokenSource::Unspecified.into(),
         }
     }
 }
@@ -396,7 +331,7 @@ impl TokenService for TokenGate {
             .await;
         finish(&span, started, &result);
         result
-            .map(|token| Response::new(token.into()))
+            .map(|answer| Response::new(response(answer)))
             .map_err(Status::from)
     }
 

@@ -14,9 +14,14 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admission::Admission;
+use crate::broker::guard::RateLimitGuard;
+use crate::broker::keys::Keys;
+use crate::broker::redis::RedisStore;
+use crate::broker::{Broker, Parts, SystemClock};
 use crate::caller::Callers;
 use crate::client::Clients;
-use crate::config::Config;
+use crate::config::{CacheBackend, Config};
+use crate::direct::Direct;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::service::TokenGate;
 use crate::tls::ReloadingTls;
@@ -100,21 +105,15 @@ impl Application {
         let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
         let clients = Clients::new(&config.clients, upstream.token_url().as_str())
             .map_err(StartupError::Setup)?;
+        let clients = Arc::new(clients);
+        let broker = broker(config, clients.clone(), upstream)?;
         Ok(Self {
             listener,
             addr,
             health_listener,
             tls,
             grace: config.server.shutdown_grace_period,
-            service: TokenGate::new(
-                Callers::new(&config.callers),
-                clients,
-                upstream,
-                Admission::new(
-                    config.server.max_concurrent_calls,
-                    config.server.max_queued_calls,
-                ),
-            ),
+            service: TokenGate::new(Callers::new(&config.callers), clients, broker),
         })
     }
 
@@ -223,6 +222,53 @@ impl Application {
             Err(_) => Ok(Drain::TimedOut),
         }
     }
+}
+
+/// The broker over the direct upstream path, with Redis behind it when configured. Redis
+/// being down is no reason not to start: the store connects in the background.
+fn broker(
+    config: &Config,
+    clients: Arc<Clients>,
+    upstream: Upstream,
+) -> Result<Broker<Direct>, StartupError> {
+    let cache = &config.cache;
+    let keys = Arc::new(Keys::new(cache.key.as_ref()));
+    let (fleet, penalties, told) = match cache.backend {
+        CacheBackend::Memory => (None, None, None),
+        CacheBackend::Redis => {
+            let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
+            let store = RedisStore::start(&cache.redis, keys.clone(), notices_tx)
+                .map_err(StartupError::Setup)?;
+            let (told, penalties) = tokio::sync::mpsc::unbounded_channel();
+            (Some((store, notices)), Some(penalties), Some(told))
+        }
+    };
+    let guard = Arc::new(RateLimitGuard::new(told));
+    let token_url = upstream.token_url().to_string();
+    let direct = Direct {
+        clients,
+        upstream,
+        guard: guard.clone(),
+        admission: Admission::new(
+            config.server.max_concurrent_calls,
+            config.server.max_queued_calls,
+        ),
+        keys: keys.clone(),
+    };
+    tracing::info!(backend = ?cache.backend, "token broker ready");
+    Ok(Broker::new(
+        cache,
+        Parts {
+            fetch: direct,
+            keys,
+            clock: Arc::new(SystemClock),
+            token_url,
+            request_timeout: config.upstream.request_timeout,
+            fleet,
+            guard,
+            penalties,
+        },
+    ))
 }
 
 /// Aborts a background task when dropped.

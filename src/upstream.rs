@@ -26,15 +26,42 @@ const CONNECT_BACKOFF: Duration = Duration::from_millis(50);
 /// `User-Agent` and `X-User-Agent` (RingCentral's SDKs send both).
 pub const AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
 
+/// Longest `Retry-After` honoured; a larger one is read as this, so that adding it to a
+/// clock can never overflow.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Penalty after a 429 without `Retry-After` (RingCentral: "30 s or more").
+pub const RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
+
 const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 
 /// One form POST: the body fields in order, and Basic credentials when the client uses them.
-#[derive(Debug)]
 pub struct Outgoing<'a> {
     pub fields: Vec<FormField<'a>>,
     pub basic: Option<(&'a str, &'a SecretString)>,
     /// Whether the request may be sent again after a failure.
     pub replay: Replay,
+    /// The rate-limit penalty that applies to this request: checked just before every
+    /// attempt, and told of every 429 at once.
+    pub penalty: Option<&'a dyn Penalty>,
+}
+
+impl std::fmt::Debug for Outgoing<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("fields", &self.fields)
+            .field("basic", &self.basic.map(|(id, _)| id))
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The upstream's 429 penalty for one request's client (and user).
+pub trait Penalty: Sync {
+    /// How long sending must still wait, if at all.
+    fn remaining(&self) -> Option<Duration>;
+    /// The upstream answered 429: nothing more is sent for `wait`.
+    fn penalise(&self, wait: Duration);
 }
 
 /// When a request may be sent again. Whatever this says, a request is never re-sent after
@@ -109,7 +136,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// A successful token response, secrets wrapped, with the time it arrived.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct Token {
     #[serde(default)]
     pub access_token: Option<SecretString>,
@@ -173,7 +200,7 @@ pub struct OAuthError {
 }
 
 /// What went wrong upstream, with what the upstream told us about it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct UpstreamError {
     pub kind: UpstreamErrorKind,
     pub http_status: Option<u16>,
@@ -186,7 +213,7 @@ pub struct UpstreamError {
     pub not_sent: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
     /// A 4xx (or 2xx) carrying an OAuth error in `oauth`.
     OAuth,
@@ -200,6 +227,8 @@ pub enum UpstreamErrorKind {
     BadResponse(&'static str),
     /// The caller's deadline ran out before the upstream answered.
     DeadlineExceeded,
+    /// Not sent: a 429 penalty for this client (or user) is in force for this long yet.
+    Held(Duration),
 }
 
 impl UpstreamError {
@@ -326,6 +355,12 @@ impl Upstream {
         let first_sent = Instant::now();
         let mut attempt = 1;
         loop {
+            if let Some(wait) = request.penalty.and_then(Penalty::remaining) {
+                return Err(UpstreamError {
+                    not_sent: true,
+                    ..UpstreamError::new(UpstreamErrorKind::Held(wait))
+                });
+            }
             let mut builder = self
                 .http
                 .post(url.clone())
@@ -346,6 +381,11 @@ impl Upstream {
                 }
                 Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
             };
+            if let (Ok(reply), Some(penalty)) = (&result, request.penalty)
+                && reply.status == StatusCode::TOO_MANY_REQUESTS
+            {
+                penalty.penalise(reply.retry_after.unwrap_or(RATE_LIMIT_WAIT));
+            }
             let Some(wait) = retry_wait(&result, request.replay, attempt, first_sent) else {
                 return result;
             };
@@ -483,10 +523,6 @@ fn unavailable(status: Option<StatusCode>, error: &reqwest::Error) -> UpstreamEr
         ..UpstreamError::new(UpstreamErrorKind::Unavailable(detail))
     }
 }
-
-/// Longest `Retry-After` honoured; a larger one is read as this, so that adding it to a
-/// clock can never overflow.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), at most a day.
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
@@ -652,6 +688,7 @@ mod tests {
     fn echoed_secrets_are_scrubbed_from_oauth_errors() {
         let secret = SecretString::from("pa55-word");
         let request = Outgoing {
+            penalty: None,
             fields: vec![FormField::secret("password", &secret)],
             basic: None,
             replay: Replay::Always,
@@ -668,6 +705,7 @@ mod tests {
     #[test]
     fn numeric_strings_are_accepted_as_seconds() {
         let request = Outgoing {
+            penalty: None,
             fields: vec![],
             basic: None,
             replay: Replay::Always,

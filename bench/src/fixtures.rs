@@ -113,7 +113,7 @@ mod tests {
         let jwt = user_jwt();
         assert!((500..800).contains(&jwt.len()), "{}", jwt.len());
         assert_eq!(
-            tokengate::guard::jwt_subject(&jwt).as_deref(),
+            tokengate::grant::jwt_subject(&jwt).as_deref(),
             Some("400131234008")
         );
     }

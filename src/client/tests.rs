@@ -84,6 +84,7 @@ fn auth_fields(auth: &ClientAuth<'_>) -> (String, Pairs) {
     let mut fields = Vec::new();
     auth.push_fields(&mut fields);
     let raw = Outgoing {
+        penalty: None,
         fields,
         basic: auth.basic(),
         replay: crate::upstream::Replay::Always,
@@ -450,6 +451,7 @@ fn new_refuses_a_method_without_its_secret() {
         key_id: None,
         assertion_audience: None,
         allowed_callers: None,
+        cache: true,
         secret: secret.map(SecretString::from),
     };
     for (method, secret) in [
@@ -526,6 +528,7 @@ fn send(clients: &Clients, request: proto::GetTokenRequest) -> Sent {
     let mut fields = request.form_fields();
     auth.push_fields(&mut fields);
     let outgoing = Outgoing {
+        penalty: None,
         fields,
         basic: auth.basic(),
         replay: crate::upstream::Replay::Always,
@@ -543,6 +546,7 @@ fn send(clients: &Clients, request: proto::GetTokenRequest) -> Sent {
 
 fn common(grant: ProtoGrant, client_id: &str) -> proto::GetTokenRequest {
     proto::GetTokenRequest {
+        rejected_access_token: String::new(),
         grant: Some(grant),
         client_id: client_id.into(),
         client_assertion: None,
@@ -800,6 +804,7 @@ fn full_revoke_bodies() {
         let mut fields = request.form_fields();
         auth.push_fields(&mut fields);
         let outgoing = Outgoing {
+            penalty: None,
             fields,
             basic: auth.basic(),
             replay: crate::upstream::Replay::Always,

@@ -204,6 +204,7 @@ fn get_token_request() -> impl Strategy<Value = proto::GetTokenRequest> {
                 access_token_ttl,
                 refresh_token_ttl,
             )| proto::GetTokenRequest {
+                rejected_access_token: String::new(),
                 grant,
                 client_id,
                 client_assertion,
@@ -480,6 +481,7 @@ fn round_trip(fields: Vec<FormField<'_>>) -> (Pairs, Pairs) {
         .map(|f| (f.name.to_owned(), f.value.clone().into_owned()))
         .collect();
     let body = Outgoing {
+        penalty: None,
         fields,
         basic: None,
         replay: Replay::Always,

@@ -28,6 +28,7 @@ fn pairs(expected: &[(&str, &str)]) -> Pairs {
 /// The body exactly as the upstream client would send it.
 fn body(fields: Vec<FormField<'_>>) -> String {
     Outgoing {
+        penalty: None,
         fields,
         basic: None,
         replay: crate::upstream::Replay::Always,
@@ -54,6 +55,7 @@ fn ttl(seconds: i64, nanos: i32) -> Option<Duration> {
 /// authentication, so they must not show up among the request's own form fields.
 fn with_common(grant: ProtoGrant) -> proto::GetTokenRequest {
     proto::GetTokenRequest {
+        rejected_access_token: String::new(),
         grant: Some(grant),
         client_id: "my-app".into(),
         client_assertion: Some(proto::ClientAssertion {
@@ -662,6 +664,7 @@ fn arms_without_required_fields_accept_an_empty_message() {
 #[test]
 fn every_violation_is_reported_at_once() {
     let fields = violations(proto::GetTokenRequest {
+        rejected_access_token: String::new(),
         grant: Some(ProtoGrant::Password(proto::PasswordGrant::default())),
         client_id: "my-app".into(),
         client_assertion: Some(proto::ClientAssertion::default()),

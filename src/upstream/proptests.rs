@@ -46,6 +46,7 @@ fn reply(status: u16, body: Vec<u8>) -> Reply {
 
 fn no_secrets() -> Outgoing<'static> {
     Outgoing {
+        penalty: None,
         fields: vec![FormField::plain("grant_type", "password")],
         basic: None,
         replay: Replay::Always,
@@ -640,6 +641,7 @@ proptest! {
             secret: true,
         }));
         let request = Outgoing {
+            penalty: None,
             fields,
             basic: basic.then_some(("my-app", &basic_secret)),
             replay: Replay::Always,
@@ -697,6 +699,7 @@ proptest! {
     ) {
         let target = &secrets[target.index(secrets.len())];
         let request = Outgoing {
+            penalty: None,
             fields: secrets
                 .iter()
                 .map(|s| FormField { name: "password", value: Cow::Borrowed(s.as_str()), secret: true })
@@ -798,13 +801,11 @@ fn a_huge_retry_after_in_the_refresh_window_is_not_waited_for() {
 #[test]
 fn the_guard_can_record_any_retry_after() {
     let wait = parse_retry_after(&HeaderValue::from_static("10000000000000000000")).unwrap();
-    let guard = crate::guard::RateLimitGuard::default();
-    let key = crate::guard::GuardKey {
-        client_id: "my-app".into(),
-        user: None,
-    };
-    guard.penalise(key, wait);
-    assert!(guard.remaining("my-app", None).is_some());
+    let guard = crate::broker::guard::RateLimitGuard::new(None);
+    let keys = crate::broker::keys::Keys::new(None);
+    let key = crate::broker::guard::GuardKeys::new(&keys, "my-app", None);
+    guard.penalise(&key, wait);
+    assert!(guard.remaining(&key).is_some());
 }
 
 /// End to end: a 429 naming a wait too long for an `Instant` is a rate limit, not a panic.
@@ -846,6 +847,7 @@ fn a_secret_containing_a_shorter_secret_is_redacted_whole() {
     let pin = SecretString::from("1234");
     let password = SecretString::from("pass1234word");
     let request = Outgoing {
+        penalty: None,
         fields: vec![
             FormField::secret("pin", &pin),
             FormField::secret("password", &password),
@@ -887,6 +889,7 @@ fn overlapping_and_form_encoded_echoes_are_redacted() {
         SecretString::from("p@ss word"),
     );
     let request = Outgoing {
+        penalty: None,
         fields: vec![
             FormField::secret("code", &a),
             FormField::secret("pin", &b),

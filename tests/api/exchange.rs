@@ -330,6 +330,7 @@ async fn a_token_with_only_access_token_leaves_every_other_field_at_its_default(
 
     let expected = tokengate::proto::GetTokenResponse {
         access_token: "at-bare".into(),
+        source: tokengate::proto::TokenSource::Upstream.into(),
         ..Default::default()
     };
     assert_eq!(token, expected);

@@ -161,8 +161,9 @@ async fn a_429_with_retry_after_that_fits_is_waited_out_and_the_user_is_not_pena
         .expect("the second attempt gets the token");
     assert_eq!(upstream_count(&app).await, 2, "one 429, one retry");
 
-    // The retry succeeded, so the wait has passed: the next call goes upstream.
-    get_token(&app, password_request(APP_A, "alice", "pw-retry-429"))
+    // The retry succeeded, so the wait has passed: the user's next call goes upstream. (It
+    // differs from the first, which the broker would replay instead.)
+    get_token(&app, password_request(APP_A, "alice", "pw-retry-429-again"))
         .await
         .expect("not refused by the rate-limit guard");
     assert_eq!(upstream_count(&app).await, 3);

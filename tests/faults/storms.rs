@@ -192,6 +192,21 @@ async fn flapping_is_ridden_out_when_a_retry_is_allowed_and_surfaced_when_not() 
     let upstream = FaultyUpstream::start(Mode::Healthy).await;
     let mut gate = Gate::start(&upstream.url()).await;
 
+    // Each call asks for its own scope, so the broker sees a new request every time and
+    // every call reaches the upstream.
+    let mut n = 0;
+    let mut flap = async |client: &mut TokenServiceClient<Channel>| {
+        n += 1;
+        let request = GetTokenRequest {
+            scopes: vec![format!("call-{n}")],
+            ..crate::harness::request("flapper")
+        };
+        tokio::time::timeout(crate::harness::PATIENCE, client.get_token(request))
+            .await
+            .expect("tokengate answers within PATIENCE")
+            .map(tonic::Response::into_inner)
+    };
+
     // Retryable failures (503 or 429 that name a wait that fits): every call succeeds on
     // its second attempt. The same client every time: a 429 retried into a success leaves
     // no penalty.
@@ -201,7 +216,7 @@ async fn flapping_is_ridden_out_when_a_retry_is_allowed_and_surfaced_when_not() 
             .await;
         let before = upstream.connections();
         for _ in 0..10 {
-            let token = call(&mut gate.client, "flapper")
+            let token = flap(&mut gate.client)
                 .await
                 .unwrap_or_else(|s| panic!("flapping {failing:?}: {s:?}"));
             assert_eq!(token.access_token, "fault-suite-token");
@@ -230,7 +245,7 @@ async fn flapping_is_ridden_out_when_a_retry_is_allowed_and_surfaced_when_not() 
             .await;
         let before = upstream.connections();
         for i in 0..10 {
-            let result = call(&mut gate.client, "flapper").await;
+            let result = flap(&mut gate.client).await;
             if i % 2 == 0 {
                 assert_failure(&result, code, reason, &format!("flapping {failing:?}"));
             } else {

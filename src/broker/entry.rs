@@ -1,0 +1,354 @@
+//! What the broker keeps for one identity: a settled result and how long it may answer.
+//! The stored form is JSON, sealed by [`super::keys::Keys`] before it leaves the process.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::policy::Keep;
+use crate::upstream::{OAuthError, Token, UpstreamError, UpstreamErrorKind};
+
+/// A definitive result of one upstream call.
+#[derive(Clone, Debug)]
+pub enum Settled {
+    Token(Token),
+    /// An OAuth error from the upstream; `caller_credentials` as in [`crate::error::Failure`].
+    Refused {
+        error: UpstreamError,
+        caller_credentials: bool,
+    },
+}
+
+/// One kept result.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The store's version of this identity's entry; a write names the version it replaces.
+    pub version: u64,
+    pub keep: Keep,
+    pub settled: Settled,
+}
+
+impl Entry {
+    /// The access and refresh tokens the entry holds, to find it by either.
+    pub fn tokens(&self) -> Vec<&str> {
+        match &self.settled {
+            Settled::Token(token) => [&token.access_token, &token.refresh_token]
+                .into_iter()
+                .flatten()
+                .map(|s| s.expose_secret())
+                .collect(),
+            Settled::Refused { .. } => Vec::new(),
+        }
+    }
+
+    /// Whether the entry's access token is `token`.
+    pub fn holds_access_token(&self, token: &str) -> bool {
+        matches!(&self.settled, Settled::Token(t)
+            if t.access_token.as_ref().is_some_and(|a| a.expose_secret() == token))
+    }
+
+    /// The JSON that is sealed for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = Wire {
+            serve_until: millis(self.keep.serve_until),
+            renew_at: self.keep.renew_at.map(millis),
+            interval_ms: self.keep.interval.map(|d| d.as_millis() as u64),
+            ttl_ms: self.keep.ttl.as_millis() as u64,
+            settled: match &self.settled {
+                Settled::Token(token) => WireSettled::Token(WireToken::from(token)),
+                Settled::Refused {
+                    error,
+                    caller_credentials,
+                } => WireSettled::Refused {
+                    http_status: error.http_status,
+                    request_id: error.request_id.clone(),
+                    retry_after_ms: error.retry_after.map(|d| d.as_millis() as u64),
+                    error: error.oauth.as_ref().and_then(|o| o.error.clone()),
+                    description: error.oauth.as_ref().and_then(|o| o.description.clone()),
+                    error_code: error.oauth.as_ref().and_then(|o| o.error_code.clone()),
+                    caller_credentials: *caller_credentials,
+                },
+            },
+        };
+        serde_json::to_vec(&wire).expect("an entry always encodes")
+    }
+
+    /// Reads what [`Entry::encode`] wrote; `None` for anything else.
+    pub fn decode(version: u64, bytes: &[u8]) -> Option<Self> {
+        let wire: Wire = serde_json::from_slice(bytes).ok()?;
+        let settled = match wire.settled {
+            WireSettled::Token(token) => Settled::Token(token.into()),
+            WireSettled::Refused {
+                http_status,
+                request_id,
+                retry_after_ms,
+                error,
+                description,
+                error_code,
+                caller_credentials,
+            } => Settled::Refused {
+                error: UpstreamError {
+                    kind: UpstreamErrorKind::OAuth,
+                    http_status,
+                    request_id,
+                    retry_after: retry_after_ms.map(Duration::from_millis),
+                    oauth: Some(Box::new(OAuthError {
+                        error,
+                        description,
+                        error_code,
+                    })),
+                    not_sent: false,
+                },
+                caller_credentials,
+            },
+        };
+        Some(Self {
+            version,
+            keep: Keep {
+                serve_until: time(wire.serve_until)?,
+                renew_at: match wire.renew_at {
+                    Some(at) => Some(time(at)?),
+                    None => None,
+                },
+                interval: wire.interval_ms.map(Duration::from_millis),
+                ttl: Duration::from_millis(wire.ttl_ms),
+            },
+            settled,
+        })
+    }
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn time(ms: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    serve_until: u64,
+    renew_at: Option<u64>,
+    interval_ms: Option<u64>,
+    ttl_ms: u64,
+    settled: WireSettled,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireSettled {
+    Token(WireToken),
+    Refused {
+        http_status: Option<u16>,
+        request_id: Option<String>,
+        retry_after_ms: Option<u64>,
+        error: Option<String>,
+        description: Option<String>,
+        error_code: Option<String>,
+        caller_credentials: bool,
+    },
+}
+
+/// [`Token`] with its secrets exposed: it exists only inside a sealed value.
+#[derive(Serialize, Deserialize)]
+struct WireToken {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<u64>,
+    refresh_token: Option<String>,
+    refresh_token_expires_in: Option<u64>,
+    scope: Option<String>,
+    owner_id: Option<String>,
+    endpoint_id: Option<String>,
+    session_id: Option<String>,
+    id_token: Option<String>,
+    session_expires_in: Option<u64>,
+    session_expiration_time: Option<String>,
+    session_idle_timeout: Option<u64>,
+    received_at: u64,
+}
+
+fn exposed(secret: &Option<SecretString>) -> Option<String> {
+    secret.as_ref().map(|s| s.expose_secret().to_owned())
+}
+
+impl From<&Token> for WireToken {
+    fn from(t: &Token) -> Self {
+        Self {
+            access_token: exposed(&t.access_token),
+            token_type: t.token_type.clone(),
+            expires_in: t.expires_in,
+            refresh_token: exposed(&t.refresh_token),
+            refresh_token_expires_in: t.refresh_token_expires_in,
+            scope: t.scope.clone(),
+            owner_id: t.owner_id.clone(),
+            endpoint_id: t.endpoint_id.clone(),
+            session_id: t.session_id.clone(),
+            id_token: exposed(&t.id_token),
+            session_expires_in: t.session_expires_in,
+            session_expiration_time: t.session_expiration_time.clone(),
+            session_idle_timeout: t.session_idle_timeout,
+            received_at: millis(t.received_at),
+        }
+    }
+}
+
+impl From<WireToken> for Token {
+    fn from(t: WireToken) -> Self {
+        Self {
+            access_token: t.access_token.map(SecretString::from),
+            token_type: t.token_type,
+            expires_in: t.expires_in,
+            refresh_token: t.refresh_token.map(SecretString::from),
+            refresh_token_expires_in: t.refresh_token_expires_in,
+            scope: t.scope,
+            owner_id: t.owner_id,
+            endpoint_id: t.endpoint_id,
+            session_id: t.session_id,
+            id_token: t.id_token.map(SecretString::from),
+            session_expires_in: t.session_expires_in,
+            session_expiration_time: t.session_expiration_time,
+            session_idle_timeout: t.session_idle_timeout,
+            received_at: time(t.received_at).unwrap_or(UNIX_EPOCH),
+        }
+    }
+}
+
+/// The token as a kept entry hands it out at `now`: the true remaining lifetime, and, unless
+/// `keep_refresh` (a replayed one-time grant, whose caller needs the new refresh token), no
+/// refresh token: a refresh by one caller would kill the token that the others share.
+pub fn served_from_cache(token: &Token, now: SystemTime, keep_refresh: bool) -> Token {
+    let elapsed = now.duration_since(token.received_at).unwrap_or_default();
+    let remaining = token
+        .expires_in
+        .map(|secs| Duration::from_secs(secs).saturating_sub(elapsed));
+    // Whole seconds, counted from a received_at chosen so expires_at stays exact.
+    let expires_in = remaining.map(|r| r.as_secs());
+    let received_at = match (remaining, expires_in) {
+        (Some(r), Some(secs)) => now + (r - Duration::from_secs(secs)),
+        _ => now,
+    };
+    let (refresh_token, refresh_token_expires_in) = if keep_refresh {
+        let left = token
+            .refresh_token_expires_in
+            .map(|secs| secs.saturating_sub(elapsed.as_secs()));
+        (token.refresh_token.clone(), left)
+    } else {
+        (None, None)
+    };
+    Token {
+        expires_in,
+        refresh_token,
+        refresh_token_expires_in,
+        session_expires_in: token
+            .session_expires_in
+            .map(|secs| secs.saturating_sub(elapsed.as_secs())),
+        received_at,
+        ..token.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(now: SystemTime) -> Token {
+        serde_json::from_value::<Token>(serde_json::json!({
+            "access_token": "at-1", "token_type": "bearer", "expires_in": 3600,
+            "refresh_token": "rt-1", "refresh_token_expires_in": 604800,
+            "scope": "A B", "owner_id": "42", "session_expires_in": 7200,
+        }))
+        .map(|t| Token {
+            received_at: now,
+            ..t
+        })
+        .unwrap()
+    }
+
+    fn keep(now: SystemTime) -> Keep {
+        Keep {
+            serve_until: now + Duration::from_secs(3540),
+            renew_at: Some(now + Duration::from_secs(3300)),
+            interval: None,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn an_entry_survives_encoding_to_the_millisecond() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
+        let entry = Entry {
+            version: 3,
+            keep: keep(now),
+            settled: Settled::Token(token(now)),
+        };
+        let back = Entry::decode(3, &entry.encode()).unwrap();
+        assert_eq!(back.keep, entry.keep);
+        let Settled::Token(t) = back.settled else {
+            panic!("a token")
+        };
+        assert_eq!(t.received_at, now);
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), "rt-1");
+        assert_eq!(back.version, 3);
+        assert!(Entry::decode(0, b"{}").is_none());
+        assert!(Entry::decode(0, b"\xff").is_none());
+    }
+
+    #[test]
+    fn a_refusal_survives_encoding() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let entry = Entry {
+            version: 1,
+            keep: keep(now),
+            settled: Settled::Refused {
+                error: UpstreamError {
+                    kind: UpstreamErrorKind::OAuth,
+                    http_status: Some(400),
+                    request_id: Some("rc-1".into()),
+                    retry_after: None,
+                    oauth: Some(Box::new(OAuthError {
+                        error: Some("invalid_grant".into()),
+                        description: Some("bad".into()),
+                        error_code: Some("OAU-140".into()),
+                    })),
+                    not_sent: false,
+                },
+                caller_credentials: true,
+            },
+        };
+        let back = Entry::decode(1, &entry.encode()).unwrap();
+        let Settled::Refused {
+            error,
+            caller_credentials,
+        } = back.settled
+        else {
+            panic!("a refusal")
+        };
+        assert!(caller_credentials);
+        assert_eq!(error.kind, UpstreamErrorKind::OAuth);
+        assert_eq!(error.http_status, Some(400));
+        assert_eq!(error.oauth.unwrap().error_code.as_deref(), Some("OAU-140"));
+    }
+
+    #[test]
+    fn a_hit_carries_the_true_remaining_lifetime_and_no_refresh_token() {
+        let received = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let now = received + Duration::from_millis(100_500);
+        let served = served_from_cache(&token(received), now, false);
+        assert_eq!(served.expires_in, Some(3499));
+        assert_eq!(
+            served.received_at + Duration::from_secs(3499),
+            received + Duration::from_secs(3600),
+            "expires_at is unchanged"
+        );
+        assert!(served.refresh_token.is_none());
+        assert!(served.refresh_token_expires_in.is_none());
+        assert_eq!(served.session_expires_in, Some(7100));
+        assert_eq!(served.access_token.unwrap().expose_secret(), "at-1");
+        let replayed = served_from_cache(&token(received), now, true);
+        assert_eq!(replayed.refresh_token.unwrap().expose_secret(), "rt-1");
+        assert_eq!(replayed.refresh_token_expires_in, Some(604800 - 100));
+    }
+}

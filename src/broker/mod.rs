@@ -1,0 +1,676 @@
+//! The token broker (contract §8): between a validated request and the upstream call, it
+//! decides once per request whether to answer from the cache, join an identical call in
+//! flight, replay a recent result, or go upstream, and keeps what it learns.
+//!
+//! - [`policy`]: the pure rules per grant; [`identity`]: which requests are identical.
+//! - [`entry`]: what is kept; [`keys`]: HMAC identities and AES-256-GCM values.
+//! - [`guard`]: the upstream's 429 penalties; [`redis`]: the state a fleet shares.
+//!
+//! The broker owns a local layer (moka, bounded by `max_entries`) and single-flight per
+//! identity. With Redis behind it, a fleet-wide lease makes one replica call while the
+//! others wait for its result; a lease only saves calls, the version-checked write and the
+//! replay of one-time grants are what keep a credential from being spent twice.
+
+pub mod entry;
+pub mod guard;
+pub mod identity;
+pub mod keys;
+pub mod policy;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use secrecy::ExposeSecret as _;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use self::entry::{Entry, Settled, served_from_cache};
+use self::guard::RateLimitGuard;
+use self::keys::{Digest, Keys, Purpose};
+use self::policy::{Freshness, Keep, OAuthKind, Outcome, Policy, Treatment, freshness};
+use self::redis::{Notice, RedisStore};
+use crate::config::CacheConfig;
+use crate::error::Failure;
+use crate::grant::{Grant, TokenRequest};
+use crate::upstream::{Token, UpstreamErrorKind};
+
+/// How often a replica that waits for another replica's call looks for its result.
+const FLEET_POLL: Duration = Duration::from_millis(20);
+/// How many times a call starts over after the flight it joined ended in nothing it can use
+/// (its leader's deadline, or a lease whose holder vanished).
+const MAX_ROUNDS: usize = 3;
+
+/// The upstream call the broker wraps: client authentication, admission, the rate-limit
+/// guard and the POST itself.
+pub trait Fetch: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        request: &TokenRequest,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Token, Failure>> + Send;
+}
+
+/// Wall-clock time, a seam so tests can drive expiry and renewal.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Debug)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// Where an answer came from (`GetTokenResponse.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Upstream,
+    Cache,
+    Coalesced,
+    Replayed,
+}
+
+/// What one request asks of the broker.
+pub struct Ask {
+    pub request: TokenRequest,
+    /// The client the request resolved to (the default client included).
+    pub client_id: Option<String>,
+    /// The client's `cache` setting.
+    pub caches: bool,
+    pub deadline: Option<Instant>,
+}
+
+/// What a flight delivers to the calls that share it.
+type Landed = Result<(Token, Source), Failure>;
+
+pub struct Broker<F> {
+    inner: Arc<Inner<F>>,
+}
+
+impl<F> Clone for Broker<F> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for Broker<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("policy", &self.inner.policy)
+            .field("fleet", &self.inner.fleet.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<F> {
+    fetch: F,
+    policy: Policy,
+    keys: Arc<Keys>,
+    clock: Arc<dyn Clock>,
+    token_url: String,
+    local: moka::sync::Cache<Digest, Arc<Entry>>,
+    /// Token digest → the identity whose entry holds it, for revocation.
+    by_token: moka::sync::Cache<Digest, Digest>,
+    flights: Mutex<HashMap<Digest, watch::Receiver<Option<Landed>>>>,
+    fleet: Option<RedisStore>,
+    /// How long a fleet-wide lease lasts: the longest an upstream call can take.
+    lease_ttl: Duration,
+}
+
+/// Expires each local entry when the store would.
+struct EntryExpiry;
+
+impl moka::Expiry<Digest, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Digest,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.keep.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Digest,
+        value: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.keep.ttl)
+    }
+}
+
+/// The parts the broker is built from.
+pub struct Parts<F> {
+    pub fetch: F,
+    pub keys: Arc<Keys>,
+    pub clock: Arc<dyn Clock>,
+    pub token_url: String,
+    /// The longest one upstream call may take (`upstream.request_timeout`).
+    pub request_timeout: Duration,
+    /// The Redis store, when `backend = "redis"`, with the notices it receives.
+    pub fleet: Option<(RedisStore, tokio::sync::mpsc::UnboundedReceiver<Notice>)>,
+    /// The guard that fleet penalties are applied to, and the penalties it reports.
+    pub guard: Arc<RateLimitGuard>,
+    pub penalties: Option<tokio::sync::mpsc::UnboundedReceiver<guard::Shared>>,
+}
+
+impl<F: Fetch> Broker<F> {
+    pub fn new(config: &CacheConfig, parts: Parts<F>) -> Self {
+        let local = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries)
+            .expire_after(EntryExpiry)
+            .build();
+        let by_token = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries.saturating_mul(2))
+            .time_to_live(policy::MAX_LIFETIME)
+            .build();
+        let (fleet, notices) = match parts.fleet {
+            Some((store, notices)) => (Some(store), Some(notices)),
+            None => (None, None),
+        };
+        let broker = Self {
+            inner: Arc::new(Inner {
+                fetch: parts.fetch,
+                policy: Policy::from(config),
+                keys: parts.keys,
+                clock: parts.clock,
+                token_url: parts.token_url,
+                local,
+                by_token,
+                flights: Mutex::default(),
+                fleet,
+                lease_ttl: parts.request_timeout + Duration::from_secs(1),
+            }),
+        };
+        if let Some(notices) = notices {
+            broker.listen(notices, parts.guard.clone());
+        }
+        if let (Some(penalties), Some(fleet)) = (parts.penalties, broker.inner.fleet.clone()) {
+            tokio::spawn(tell_fleet(penalties, fleet));
+        }
+        broker
+    }
+
+    /// Applies what other replicas report, for as long as the broker lives.
+    fn listen(
+        &self,
+        mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+        guard: Arc<RateLimitGuard>,
+    ) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                let Some(inner) = inner.upgrade() else { break };
+                match notice {
+                    Notice::Invalidate(id) => inner.local.invalidate(&id),
+                    Notice::Penalty { key, until_unix_ms } => guard.learn(
+                        key,
+                        SystemTime::UNIX_EPOCH + Duration::from_millis(until_unix_ms),
+                    ),
+                    Notice::Resync => inner.local.invalidate_all(),
+                }
+            }
+        });
+    }
+
+    /// The upstream call the broker wraps (revocation goes straight to it).
+    pub fn fetcher(&self) -> &F {
+        &self.inner.fetch
+    }
+
+    /// The number of entries in the local layer (for tests and, later, metrics).
+    pub fn local_entries(&self) -> u64 {
+        self.inner.local.run_pending_tasks();
+        self.inner.local.entry_count()
+    }
+
+    /// Answers one request: from what is kept, from a call in flight, or from the upstream.
+    pub async fn token(&self, ask: Ask) -> Result<(Token, Source), Failure> {
+        let inner = &self.inner;
+        let grant = ask.request.grant.kind();
+        let treatment = inner.policy.treatment(grant, ask.caches);
+        if treatment == Treatment::PassThrough {
+            let token = inner.fetch.fetch(&ask.request, ask.deadline).await?;
+            return Ok((token, Source::Upstream));
+        }
+        let id = identity::identity(
+            &inner.keys,
+            &ask.request,
+            ask.client_id.as_deref(),
+            &inner.token_url,
+        );
+        let request = Arc::new(ask.request);
+        for _ in 0..MAX_ROUNDS {
+            let mut previous = inner.lookup(&id).await;
+            if let Some(entry) = previous.clone() {
+                let rejected = request
+                    .rejected_access_token
+                    .as_ref()
+                    .is_some_and(|t| entry.holds_access_token(t.expose_secret()));
+                if rejected {
+                    tracing::info!(id = ?id, "the cached token was rejected; fetching a new one");
+                    inner.drop_entry(&id, &entry).await;
+                    // Its refresh token may still renew it, into a store that no longer has it.
+                    previous = Some(Arc::new(Entry {
+                        version: 0,
+                        ..Entry::clone(&entry)
+                    }));
+                } else {
+                    let now = inner.clock.now();
+                    match freshness(&entry.keep, now) {
+                        Freshness::Fresh => return served(&entry, treatment, now, false),
+                        Freshness::Renew => {
+                            self.renew(id, request.clone(), entry.clone(), treatment);
+                            return served(&entry, treatment, now, false);
+                        }
+                        Freshness::Spent => {}
+                    }
+                }
+            }
+            let (landed, led) = self
+                .fly(id, request.clone(), treatment, previous, ask.deadline)
+                .await;
+            match landed {
+                Some(Ok((token, source))) => {
+                    return Ok((token, if led { source } else { Source::Coalesced }));
+                }
+                // The leader's own deadline, not ours: start over while time is left.
+                Some(Err(Failure::DeadlineExceeded)) if !led => {}
+                Some(Err(failure)) => return Err(failure),
+                None if ask.deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Err(Failure::DeadlineExceeded);
+                }
+                None => {}
+            }
+        }
+        Err(Failure::DeadlineExceeded)
+    }
+
+    /// Starts one background renewal of `id`, unless a call for it is already in flight.
+    fn renew(
+        &self,
+        id: Digest,
+        request: Arc<TokenRequest>,
+        entry: Arc<Entry>,
+        treatment: Treatment,
+    ) {
+        // Nobody waits for it, so nothing is lost if it finds the work already done.
+        drop(self.start_flight(id, request, treatment, Some(entry), None));
+    }
+
+    /// Joins the call in flight for `id`, or starts it. Returns what it delivered (`None`
+    /// when our deadline passed first or the call vanished) and whether we started it.
+    async fn fly(
+        &self,
+        id: Digest,
+        request: Arc<TokenRequest>,
+        treatment: Treatment,
+        previous: Option<Arc<Entry>>,
+        deadline: Option<Instant>,
+    ) -> (Option<Landed>, bool) {
+        let (mut receiver, led) = self.start_flight(id, request, treatment, previous, deadline);
+        let wait = receiver.wait_for(Option::is_some);
+        let landed = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, wait).await {
+                Ok(result) => result.ok().and_then(|v| v.clone()),
+                Err(_) => return (Some(Err(Failure::DeadlineExceeded)), true),
+            },
+            None => wait.await.ok().and_then(|v| v.clone()),
+        };
+        (landed, led)
+    }
+
+    fn start_flight(
+        &self,
+        id: Digest,
+        request: Arc<TokenRequest>,
+        treatment: Treatment,
+        previous: Option<Arc<Entry>>,
+        deadline: Option<Instant>,
+    ) -> (watch::Receiver<Option<Landed>>, bool) {
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(receiver) = flights.get(&id)
+            && receiver.has_changed().is_ok()
+        {
+            return (receiver.clone(), false);
+        }
+        let (sender, receiver) = watch::channel(None);
+        flights.insert(id, receiver.clone());
+        drop(flights);
+        let inner = self.inner.clone();
+        // Its own task: a result (a spent refresh token's successor above all) is kept even
+        // when every caller that waited for it has gone.
+        tokio::spawn(
+            async move {
+                let landed = inner
+                    .lead(id, &request, treatment, previous, deadline)
+                    .await;
+                sender.send_replace(Some(landed));
+                let mut flights = inner
+                    .flights
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if flights
+                    .get(&id)
+                    .is_some_and(|r| r.same_channel(&sender.subscribe()))
+                {
+                    flights.remove(&id);
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+        (receiver, true)
+    }
+
+    /// Drops every entry that holds `token` (as access or refresh token), on every replica.
+    pub async fn forget(&self, token: &str) {
+        let inner = &self.inner;
+        let digest = inner.keys.token_digest(token);
+        if let Some(id) = inner.by_token.get(&digest) {
+            inner.local.invalidate(&id);
+            inner.by_token.invalidate(&digest);
+        }
+        if let Some(fleet) = &inner.fleet
+            && let Ok(Some(id)) = fleet.find_token(&digest).await
+        {
+            inner.local.invalidate(&id);
+            let _ = fleet.delete(&id).await;
+        }
+    }
+}
+
+/// Forwards this replica's penalties to the fleet.
+async fn tell_fleet(
+    mut penalties: tokio::sync::mpsc::UnboundedReceiver<guard::Shared>,
+    fleet: RedisStore,
+) {
+    while let Some((key, until)) = penalties.recv().await {
+        let until_unix_ms = until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Down: every replica holds back on its own 429s meanwhile.
+        let _ = fleet.penalise(&key, until_unix_ms).await;
+    }
+}
+
+/// An entry's answer to a request at `now`.
+fn served(entry: &Entry, treatment: Treatment, now: SystemTime, coalesced: bool) -> Landed {
+    let source = match (coalesced, treatment) {
+        (true, _) => Source::Coalesced,
+        (false, Treatment::Cache) => Source::Cache,
+        (false, _) => Source::Replayed,
+    };
+    match &entry.settled {
+        Settled::Token(token) => Ok((
+            served_from_cache(token, now, treatment != Treatment::Cache),
+            source,
+        )),
+        Settled::Refused {
+            error,
+            caller_credentials,
+        } => Err(Failure::Upstream {
+            error: error.clone(),
+            caller_credentials: *caller_credentials,
+        }),
+    }
+}
+
+impl<F: Fetch> Inner<F> {
+    /// The entry kept for `id`: the local layer's while it may answer, else the fleet's.
+    async fn lookup(&self, id: &Digest) -> Option<Arc<Entry>> {
+        let local = self.local.get(id);
+        if let Some(entry) = &local
+            && freshness(&entry.keep, self.clock.now()) != Freshness::Spent
+        {
+            return local;
+        }
+        let Some(fleet) = &self.fleet else {
+            return local;
+        };
+        match self.fleet_entry(fleet, id).await {
+            Some(entry) => {
+                self.keep_locally(id, entry.clone());
+                Some(entry)
+            }
+            None => local,
+        }
+    }
+
+    /// The entry Redis holds for `id`, opened; `None` when absent, unreadable or Redis is down.
+    async fn fleet_entry(&self, fleet: &RedisStore, id: &Digest) -> Option<Arc<Entry>> {
+        let (version, sealed) = fleet.get(id).await.ok()??;
+        let entry = self
+            .keys
+            .open(Purpose::Entry, id, &sealed)
+            .ok()
+            .and_then(|plain| Entry::decode(version, &plain));
+        if entry.is_none() {
+            tracing::warn!(id = ?id, "a value in redis does not open under the cache key; treated as a miss");
+        }
+        entry.map(Arc::new)
+    }
+
+    fn keep_locally(&self, id: &Digest, entry: Arc<Entry>) {
+        for token in entry.tokens() {
+            self.by_token.insert(self.keys.token_digest(token), *id);
+        }
+        self.local.insert(*id, entry);
+    }
+
+    /// Drops a rejected entry here and, if Redis still holds that same entry, there.
+    async fn drop_entry(&self, id: &Digest, entry: &Entry) {
+        self.local.invalidate(id);
+        if let Some(fleet) = &self.fleet
+            && let Some(shared) = self.fleet_entry(fleet, id).await
+            && shared.version == entry.version
+        {
+            let _ = fleet.delete(id).await;
+        }
+    }
+
+    /// The flight's work: take the fleet's lease (or wait for its holder's result), call
+    /// upstream, keep the result, then release.
+    async fn lead(
+        &self,
+        id: Digest,
+        request: &TokenRequest,
+        treatment: Treatment,
+        previous: Option<Arc<Entry>>,
+        deadline: Option<Instant>,
+    ) -> Landed {
+        let mut lease = None;
+        if let Some(fleet) = &self.fleet {
+            let until = deadline.unwrap_or_else(|| Instant::now() + self.lease_ttl);
+            loop {
+                match fleet.lease(&id, self.lease_ttl).await {
+                    Ok(Some(held)) => {
+                        // Re-checked under the lease: its last holder may have just written.
+                        if let Some(entry) = self.fleet_entry(fleet, &id).await
+                            && freshness(&entry.keep, self.clock.now()) == Freshness::Fresh
+                        {
+                            let _ = fleet.release(&id, held).await;
+                            self.keep_locally(&id, entry.clone());
+                            return served(&entry, treatment, self.clock.now(), true);
+                        }
+                        lease = Some(held);
+                        break;
+                    }
+                    Ok(None) => {
+                        if let Some(entry) = self.await_fleet(fleet, &id, until).await {
+                            self.keep_locally(&id, entry.clone());
+                            return served(&entry, treatment, self.clock.now(), true);
+                        }
+                        if Instant::now() >= until {
+                            return Err(Failure::DeadlineExceeded);
+                        }
+                    }
+                    // Redis is down: this replica goes on alone.
+                    Err(_) => break,
+                }
+            }
+        }
+        let grant = request.grant.kind();
+        let result = self
+            .fetch_fresh(request, treatment, previous.as_deref(), deadline)
+            .await;
+        let now = self.clock.now();
+        let outcome = match &result {
+            Ok(token) => Outcome::Token {
+                lifetime: token.expires_in.map(Duration::from_secs),
+            },
+            Err(Failure::Upstream { error, .. }) if error.kind == UpstreamErrorKind::OAuth => {
+                Outcome::OAuth(OAuthKind::of(
+                    error.oauth.as_ref().and_then(|o| o.error.as_deref()),
+                ))
+            }
+            Err(_) => Outcome::Transient,
+        };
+        let previous_interval = previous.as_ref().and_then(|p| p.keep.interval);
+        let keep = self.policy.keep(
+            treatment,
+            grant,
+            outcome,
+            now,
+            previous_interval,
+            fastrand::f64(),
+        );
+        let settled = match &result {
+            Ok(token) => Some(Settled::Token(token.clone())),
+            Err(Failure::Upstream {
+                error,
+                caller_credentials,
+            }) => Some(Settled::Refused {
+                error: error.clone(),
+                caller_credentials: *caller_credentials,
+            }),
+            Err(_) => None,
+        };
+        if let (Some(keep), Some(settled)) = (keep, settled) {
+            self.store(&id, keep, settled, previous.as_deref()).await;
+        }
+        if let (Some(fleet), Some(held)) = (&self.fleet, lease) {
+            let _ = fleet.release(&id, held).await;
+        }
+        result.map(|token| {
+            let token = if treatment == Treatment::Cache {
+                served_from_cache(&token, now, false)
+            } else {
+                token
+            };
+            (token, Source::Upstream)
+        })
+    }
+
+    /// Waits for the lease holder's result: `None` once the lease is gone without one (or
+    /// Redis is down, or `until` passes).
+    async fn await_fleet(
+        &self,
+        fleet: &RedisStore,
+        id: &Digest,
+        until: Instant,
+    ) -> Option<Arc<Entry>> {
+        while Instant::now() < until {
+            if let Some(entry) = self.fleet_entry(fleet, id).await
+                && freshness(&entry.keep, self.clock.now()) != Freshness::Spent
+            {
+                return Some(entry);
+            }
+            match fleet.leased(id).await {
+                Ok(true) => tokio::time::sleep(FLEET_POLL).await,
+                Ok(false) | Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// A new token: renewed with the refresh token kept from the last one when there is
+    /// one, else (or when that fails) by running the request's own grant again.
+    async fn fetch_fresh(
+        &self,
+        request: &TokenRequest,
+        treatment: Treatment,
+        previous: Option<&Entry>,
+        deadline: Option<Instant>,
+    ) -> Result<Token, Failure> {
+        let kept = previous.and_then(|entry| match &entry.settled {
+            Settled::Token(token) if treatment == Treatment::Cache => {
+                let alive = token.refresh_token_expires_in.is_none_or(|secs| {
+                    token.received_at + Duration::from_secs(secs) > self.clock.now()
+                });
+                token.refresh_token.clone().filter(|_| alive)
+            }
+            _ => None,
+        });
+        if let Some(refresh_token) = kept {
+            let refresh = TokenRequest {
+                grant: Grant::RefreshToken { refresh_token },
+                client_id: request.client_id.clone(),
+                client_assertion: request.client_assertion.clone(),
+                scopes: Vec::new(),
+                endpoint_id: request.endpoint_id.clone(),
+                access_token_ttl: request.access_token_ttl,
+                refresh_token_ttl: request.refresh_token_ttl,
+                rejected_access_token: None,
+            };
+            match self.fetch.fetch(&refresh, deadline).await {
+                Ok(token) => return Ok(token),
+                Err(failure) => tracing::info!(
+                    reason = crate::error::reason(&failure),
+                    "renewal with the kept refresh token failed; running the grant again"
+                ),
+            }
+        }
+        self.fetch.fetch(request, deadline).await
+    }
+
+    /// Keeps a result here and, version-checked, in Redis; tells the fleet when it replaced
+    /// an entry that others may still hold.
+    async fn store(&self, id: &Digest, keep: Keep, settled: Settled, previous: Option<&Entry>) {
+        let expected = previous.map_or(0, |p| p.version);
+        let mut entry = Entry {
+            version: expected + 1,
+            keep,
+            settled,
+        };
+        if let Some(fleet) = &self.fleet {
+            let sealed = self.keys.seal(Purpose::Entry, id, &entry.encode());
+            let tokens: Vec<Digest> = entry
+                .tokens()
+                .into_iter()
+                .map(|t| self.keys.token_digest(t))
+                .collect();
+            match fleet.put(id, expected, &sealed, keep.ttl, &tokens).await {
+                Ok(true) if previous.is_some() => {
+                    let _ = fleet.invalidate(id).await;
+                }
+                Ok(true) => {}
+                // Someone wrote first; theirs stands, and ours is not kept here either.
+                Ok(false) => {
+                    self.local.invalidate(id);
+                    return;
+                }
+                Err(_) => entry.version = expected,
+            }
+        }
+        self.keep_locally(id, Arc::new(entry));
+    }
+}
+
+#[cfg(test)]
+mod tests;

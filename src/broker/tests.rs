@@ -1,0 +1,491 @@
+//! The broker on the memory backend, against a scripted upstream and a hand-driven clock.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use secrecy::SecretString;
+
+use super::*;
+use crate::grant::GrantKind;
+use crate::upstream::{OAuthError, UpstreamError};
+
+const HOUR: u64 = 3600;
+
+/// A clock the test moves by hand.
+struct ManualClock(Mutex<SystemTime>);
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// The upstream: answers from a script (or a fresh token per call), counts calls, records
+/// which grant each call ran, and holds every call until the gate lets it through.
+struct Fake {
+    calls: AtomicUsize,
+    grants: Mutex<Vec<GrantKind>>,
+    script: Mutex<VecDeque<Result<Token, Failure>>>,
+    gate: tokio::sync::Semaphore,
+    clock: Arc<ManualClock>,
+    expires_in: u64,
+}
+
+impl Fake {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn push(&self, result: Result<Token, Failure>) {
+        self.script.lock().unwrap().push_back(result);
+    }
+}
+
+impl Fetch for Arc<Fake> {
+    async fn fetch(
+        &self,
+        request: &TokenRequest,
+        _deadline: Option<Instant>,
+    ) -> Result<Token, Failure> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.grants.lock().unwrap().push(request.grant.kind());
+        let _pass = self.gate.acquire().await.expect("the gate stays open");
+        let scripted = self.script.lock().unwrap().pop_front();
+        scripted.unwrap_or_else(|| {
+            Ok(token(
+                &format!("at-{n}"),
+                Some(&format!("rt-{n}")),
+                self.expires_in,
+                self.clock.now(),
+            ))
+        })
+    }
+}
+
+fn token(access: &str, refresh: Option<&str>, expires_in: u64, at: SystemTime) -> Token {
+    let mut token: Token = serde_json::from_value(serde_json::json!({
+        "access_token": access, "token_type": "bearer", "expires_in": expires_in,
+    }))
+    .unwrap();
+    token.refresh_token = refresh.map(SecretString::from);
+    token.received_at = at;
+    token
+}
+
+fn oauth(error: &str) -> Failure {
+    Failure::Upstream {
+        error: UpstreamError {
+            kind: UpstreamErrorKind::OAuth,
+            http_status: Some(400),
+            request_id: None,
+            retry_after: None,
+            oauth: Some(Box::new(OAuthError {
+                error: Some(error.into()),
+                description: None,
+                error_code: None,
+            })),
+            not_sent: false,
+        },
+        caller_credentials: false,
+    }
+}
+
+fn unavailable() -> Failure {
+    Failure::Upstream {
+        error: UpstreamError {
+            kind: UpstreamErrorKind::Unavailable("503".into()),
+            http_status: Some(503),
+            request_id: None,
+            retry_after: None,
+            oauth: None,
+            not_sent: false,
+        },
+        caller_credentials: false,
+    }
+}
+
+struct Setup {
+    broker: Broker<Arc<Fake>>,
+    fake: Arc<Fake>,
+    clock: Arc<ManualClock>,
+}
+
+fn setup() -> Setup {
+    setup_with(HOUR, 1_000)
+}
+
+fn setup_with(expires_in: u64, open: usize) -> Setup {
+    let clock = Arc::new(ManualClock(Mutex::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    )));
+    let fake = Arc::new(Fake {
+        calls: AtomicUsize::new(0),
+        grants: Mutex::default(),
+        script: Mutex::default(),
+        gate: tokio::sync::Semaphore::new(open),
+        clock: clock.clone(),
+        expires_in,
+    });
+    let broker = Broker::new(
+        &CacheConfig::default(),
+        Parts {
+            fetch: fake.clone(),
+            keys: Arc::new(Keys::new(None)),
+            clock: clock.clone(),
+            token_url: "https://platform.example/restapi/oauth/token".into(),
+            request_timeout: Duration::from_secs(10),
+            fleet: None,
+            guard: Arc::new(RateLimitGuard::new(None)),
+            penalties: None,
+        },
+    );
+    Setup {
+        broker,
+        fake,
+        clock,
+    }
+}
+
+fn request(grant: Grant) -> TokenRequest {
+    TokenRequest {
+        grant,
+        client_id: Some("app".into()),
+        client_assertion: None,
+        scopes: vec!["A".into(), "B".into()],
+        endpoint_id: None,
+        access_token_ttl: None,
+        refresh_token_ttl: None,
+        rejected_access_token: None,
+    }
+}
+
+fn jwt() -> TokenRequest {
+    request(Grant::JwtBearer {
+        assertion: "eyJ.user.sig".into(),
+    })
+}
+
+fn password() -> TokenRequest {
+    request(Grant::Password {
+        username: "alice".into(),
+        password: "hunter2".into(),
+        extension: None,
+        pin: None,
+    })
+}
+
+fn ask(request: TokenRequest) -> Ask {
+    Ask {
+        client_id: request.client_id.clone(),
+        caches: true,
+        request,
+        deadline: None,
+    }
+}
+
+fn access(token: &Token) -> &str {
+    token.access_token.as_ref().unwrap().expose_secret()
+}
+
+/// Lets spawned tasks run until nothing more is ready.
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_identical_calls_makes_one_upstream_call_and_then_hits_the_cache() {
+    let Setup { broker, fake, .. } = setup_with(HOUR, 0);
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            tokio::spawn({
+                let broker = broker.clone();
+                async move { broker.token(ask(jwt())).await }
+            })
+        })
+        .collect();
+    settle().await;
+    assert_eq!(
+        fake.calls(),
+        1,
+        "the burst is coalesced while the call is in flight"
+    );
+    fake.gate.add_permits(1_000);
+    let mut sources = Vec::new();
+    for call in calls {
+        let (token, source) = call.await.unwrap().expect("a token");
+        assert_eq!(access(&token), "at-1");
+        assert!(
+            token.refresh_token.is_none(),
+            "a cached grant hands out no refresh token"
+        );
+        sources.push(source);
+    }
+    assert_eq!(
+        sources.iter().filter(|s| **s == Source::Upstream).count(),
+        1
+    );
+    assert_eq!(
+        sources.iter().filter(|s| **s == Source::Coalesced).count(),
+        49
+    );
+    let (token, source) = broker.token(ask(jwt())).await.unwrap();
+    assert_eq!((access(&token), source), ("at-1", Source::Cache));
+    assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_hit_carries_the_true_remaining_lifetime_and_scope_order_does_not_matter() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup();
+    broker.token(ask(jwt())).await.unwrap();
+    clock.advance(Duration::from_secs(600));
+    let mut reordered = jwt();
+    reordered.scopes.reverse();
+    let (token, source) = broker.token(ask(reordered)).await.unwrap();
+    assert_eq!(source, Source::Cache);
+    assert_eq!(token.expires_in, Some(HOUR - 600));
+    assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn inside_refresh_ahead_a_hit_answers_at_once_and_one_renewal_uses_the_kept_refresh_token() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup_with(HOUR, 1);
+    broker.token(ask(jwt())).await.unwrap();
+    // Past the jittered renewal point (at most 330 s before expiry), before min_remaining.
+    clock.advance(Duration::from_secs(HOUR - 200));
+    for _ in 0..20 {
+        let (token, source) = broker.token(ask(jwt())).await.unwrap();
+        assert_eq!((access(&token), source), ("at-1", Source::Cache));
+    }
+    settle().await;
+    assert_eq!(fake.calls(), 2, "one renewal, however many hits");
+    assert_eq!(
+        *fake.grants.lock().unwrap(),
+        [GrantKind::JwtBearer, GrantKind::RefreshToken]
+    );
+    fake.gate.add_permits(10);
+    settle().await;
+    let (token, source) = broker.token(ask(jwt())).await.unwrap();
+    assert_eq!((access(&token), source), ("at-2", Source::Cache));
+    assert_eq!(token.expires_in, Some(HOUR));
+}
+
+#[tokio::test]
+async fn a_failed_refresh_falls_back_to_the_grant_with_the_request_at_hand() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup();
+    broker.token(ask(jwt())).await.unwrap();
+    clock.advance(Duration::from_secs(HOUR - 30));
+    fake.push(Err(oauth("invalid_grant")));
+    // Below min_remaining: the caller waits for the new token.
+    let (token, source) = broker.token(ask(jwt())).await.unwrap();
+    assert_eq!((access(&token), source), ("at-3", Source::Upstream));
+    assert_eq!(
+        *fake.grants.lock().unwrap(),
+        [
+            GrantKind::JwtBearer,
+            GrantKind::RefreshToken,
+            GrantKind::JwtBearer
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_definitive_error_of_a_one_time_grant_is_replayed_within_the_window_only() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup();
+    fake.push(Err(oauth("invalid_grant")));
+    let first = broker.token(ask(password())).await.unwrap_err();
+    let again = broker.token(ask(password())).await.unwrap_err();
+    assert_eq!(
+        fake.calls(),
+        1,
+        "a wrong password is not retried into a lockout"
+    );
+    assert_eq!(crate::error::reason(&first), crate::error::reason(&again));
+    clock.advance(Duration::from_secs(31));
+    let (_, source) = broker.token(ask(password())).await.unwrap();
+    assert_eq!(source, Source::Upstream);
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_replayed_token_keeps_its_refresh_token_and_is_never_a_cache_hit() {
+    let Setup { broker, fake, .. } = setup();
+    for grant in [
+        Grant::RefreshToken {
+            refresh_token: "rt-old".into(),
+        },
+        Grant::AuthorizationCode {
+            code: "code-1".into(),
+            redirect_uri: None,
+            code_verifier: None,
+        },
+    ] {
+        let before = fake.calls();
+        let (first, source) = broker.token(ask(request(grant.clone()))).await.unwrap();
+        assert_eq!(source, Source::Upstream);
+        let (again, source) = broker.token(ask(request(grant))).await.unwrap();
+        assert_eq!(
+            source,
+            Source::Replayed,
+            "one-time credentials are never served from the cache"
+        );
+        assert_eq!(access(&again), access(&first));
+        assert!(
+            again.refresh_token.is_some(),
+            "the caller needs the new refresh token"
+        );
+        assert_eq!(
+            fake.calls(),
+            before + 1,
+            "a one-time credential reaches the upstream once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn transient_failures_are_never_replayed() {
+    let Setup { broker, fake, .. } = setup();
+    fake.push(Err(unavailable()));
+    broker.token(ask(password())).await.unwrap_err();
+    let (_, source) = broker.token(ask(password())).await.unwrap();
+    assert_eq!(source, Source::Upstream);
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_rejected_token_is_replaced_once_for_every_caller_that_reports_it() {
+    let Setup { broker, fake, .. } = setup_with(HOUR, 1);
+    broker.token(ask(jwt())).await.unwrap();
+    fake.gate.forget_permits(10);
+    let rejected = || {
+        let mut request = jwt();
+        request.rejected_access_token = Some("at-1".into());
+        ask(request)
+    };
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn({
+                let broker = broker.clone();
+                let ask = rejected();
+                async move { broker.token(ask).await }
+            })
+        })
+        .collect();
+    settle().await;
+    fake.gate.add_permits(10);
+    for call in calls {
+        let (token, _) = call.await.unwrap().unwrap();
+        assert_eq!(access(&token), "at-2");
+    }
+    assert_eq!(
+        fake.calls(),
+        2,
+        "one new token for all who reported the old one"
+    );
+    assert_eq!(
+        fake.grants.lock().unwrap()[1],
+        GrantKind::RefreshToken,
+        "renewed with the kept refresh token"
+    );
+    let (token, source) = broker.token(rejected()).await.unwrap();
+    assert_eq!(
+        (access(&token), source),
+        ("at-2", Source::Cache),
+        "a newer token is returned with no call"
+    );
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn forgetting_a_token_drops_the_entry_that_holds_it() {
+    let Setup { broker, fake, .. } = setup();
+    broker.token(ask(jwt())).await.unwrap();
+    broker.forget("rt-1").await;
+    let (token, source) = broker.token(ask(jwt())).await.unwrap();
+    assert_eq!((access(&token), source), ("at-2", Source::Upstream));
+    broker.forget("at-2").await;
+    broker.token(ask(jwt())).await.unwrap();
+    assert_eq!(fake.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_pass_through_client_goes_upstream_every_time_and_keeps_its_refresh_token() {
+    let Setup { broker, fake, .. } = setup();
+    for n in 1..=3 {
+        let mut ask = ask(jwt());
+        ask.caches = false;
+        let (token, source) = broker.token(ask).await.unwrap();
+        assert_eq!(source, Source::Upstream);
+        assert!(token.refresh_token.is_some());
+        assert_eq!(fake.calls(), n);
+    }
+    assert_eq!(broker.local_entries(), 0);
+}
+
+#[tokio::test]
+async fn device_polling_is_answered_once_per_interval() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup();
+    let device = || {
+        ask(request(Grant::DeviceCode {
+            device_code: "dc-1".into(),
+        }))
+    };
+    fake.push(Err(oauth("authorization_pending")));
+    fake.push(Err(oauth("slow_down")));
+    for _ in 0..5 {
+        broker.token(device()).await.unwrap_err();
+    }
+    assert_eq!(fake.calls(), 1);
+    clock.advance(Duration::from_secs(5));
+    let slow = broker.token(device()).await.unwrap_err();
+    assert_eq!(crate::error::reason(&slow), "SLOW_DOWN");
+    assert_eq!(fake.calls(), 2);
+    clock.advance(Duration::from_secs(9));
+    broker.token(device()).await.unwrap_err();
+    assert_eq!(fake.calls(), 2, "slow_down raised the interval to 10 s");
+    clock.advance(Duration::from_secs(1));
+    broker.token(device()).await.unwrap();
+    assert_eq!(fake.calls(), 3);
+}
+
+#[tokio::test]
+async fn different_requests_never_share_an_answer() {
+    let Setup { broker, fake, .. } = setup();
+    broker.token(ask(jwt())).await.unwrap();
+    let mut other = jwt();
+    other.scopes.push("C".into());
+    let (token, source) = broker.token(ask(other)).await.unwrap();
+    assert_eq!((access(&token), source), ("at-2", Source::Upstream));
+    let mut other_client = ask(jwt());
+    other_client.client_id = Some("app-2".into());
+    broker.token(other_client).await.unwrap();
+    assert_eq!(fake.calls(), 3);
+}
