@@ -224,10 +224,13 @@ pub fn served_from_cache(token: &Token, now: SystemTime, keep_refresh: bool) -> 
     let remaining = token
         .expires_in
         .map(|secs| Duration::from_secs(secs).saturating_sub(elapsed));
-    // Whole seconds, counted from a received_at chosen so expires_at stays exact.
-    let expires_in = remaining.map(|r| r.as_secs());
+    // The nearest whole second, counted from a received_at chosen so that expires_at stays
+    // exact (a token fresh from the upstream keeps the `expires_in` it came with).
+    let expires_in = remaining.map(|r| (r.as_millis() as u64).saturating_add(500) / 1000);
     let received_at = match (remaining, expires_in) {
-        (Some(r), Some(secs)) => now + (r - Duration::from_secs(secs)),
+        (Some(r), Some(secs)) => (now + r)
+            .checked_sub(Duration::from_secs(secs))
+            .unwrap_or(now),
         _ => now,
     };
     let (refresh_token, refresh_token_expires_in) = if keep_refresh {
@@ -335,9 +338,9 @@ mod tests {
     #[test]
     fn a_hit_carries_the_true_remaining_lifetime_and_no_refresh_token() {
         let received = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let now = received + Duration::from_millis(100_500);
+        let now = received + Duration::from_millis(100_600);
         let served = served_from_cache(&token(received), now, false);
-        assert_eq!(served.expires_in, Some(3499));
+        assert_eq!(served.expires_in, Some(3499), "3499.4 s left");
         assert_eq!(
             served.received_at + Duration::from_secs(3499),
             received + Duration::from_secs(3600),
@@ -350,5 +353,11 @@ mod tests {
         let replayed = served_from_cache(&token(received), now, true);
         assert_eq!(replayed.refresh_token.unwrap().expose_secret(), "rt-1");
         assert_eq!(replayed.refresh_token_expires_in, Some(604800 - 100));
+        let fresh = served_from_cache(&token(received), received + Duration::from_millis(3), false);
+        assert_eq!(
+            fresh.expires_in,
+            Some(3600),
+            "an answer fresh from the upstream keeps its lifetime"
+        );
     }
 }

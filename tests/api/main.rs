@@ -5,6 +5,7 @@
 
 mod deadline;
 mod errors;
+mod broker;
 mod exchange;
 mod hardening;
 mod helpers;

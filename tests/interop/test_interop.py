@@ -347,9 +347,13 @@ def _toml_str(value) -> str:
 
 
 def _client_toml(client_id: str, **settings) -> str:
+    # This suite proves the wire format against a real server, call by call, so its clients
+    # pass straight through the broker (tests/api and the broker's own tests cover that).
+    settings.setdefault("cache", False)
     lines = ["[[clients.registered]]", f"client_id = {_toml_str(client_id)}"]
     for key, value in settings.items():
-        lines.append(f"{key} = {'true' if value is True else _toml_str(value)}")
+        rendered = "true" if value is True else "false" if value is False else _toml_str(value)
+        lines.append(f"{key} = {rendered}")
     return "\n".join(lines) + "\n"
 
 
