@@ -94,12 +94,21 @@ class Rendered:
         return int(match.group(1))
 
     def secret_data(self) -> dict[str, str] | None:
-        """The chart-rendered Secret's decoded data, or None when the chart renders none."""
-        secrets = self.all("Secret")
+        """The chart-rendered client Secret's decoded data (secret.create), or None when the
+        chart renders none. It has the release's full name, as the ConfigMap has."""
+        name = self.one("ConfigMap")["metadata"]["name"]
+        secrets = [s for s in self.all("Secret") if s["metadata"]["name"] == name]
         if not secrets:
             return None
         (secret,) = secrets
         return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+
+    def cache_key_secret(self) -> dict | None:
+        """The Secret holding the cache key that the chart generates (redis backend without
+        cache.key.existingSecret), or None."""
+        secrets = [s for s in self.all("Secret") if s["metadata"]["name"].endswith("-cache-key")]
+        assert len(secrets) <= 1, secrets
+        return secrets[0] if secrets else None
 
 
 @pytest.fixture(scope="session", params=VALUE_SETS)

@@ -5,6 +5,7 @@ the `helm test` pod use the plaintext health port the binary really serves."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import functools
 import hashlib
@@ -41,6 +42,13 @@ def seconds(duration: str) -> float:
     assert match, f"unexpected duration {duration!r}"
     value, unit = int(match.group(1)), match.group(2)
     return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def seconds_any(duration: str) -> float:
+    """A duration as the binary prints it: humantime parts such as "1m 30s" or "50ms"."""
+    parts = duration.split()
+    assert parts, duration
+    return sum(seconds(part) for part in parts)
 
 
 def secret_volume(r: Rendered) -> dict | None:
@@ -177,13 +185,54 @@ def throwaway_pki() -> dict[str, str]:
     }
 
 
+# Config keys naming one file that the chart mounts from a ConfigMap or Secret of its own:
+# (the key's section, the key, the volume).
+SINGLE_FILE_MOUNTS = [
+    (("upstream",), "ca_file", "upstream-ca"),
+    (("cache",), "key_file", "cache-key"),
+    (("cache", "redis"), "password_file", "redis-password"),
+    (("cache", "redis"), "ca_file", "redis-ca"),
+]
+
+
+def single_files(r: Rendered) -> dict[str, str]:
+    """Volume name -> the file the rendered config names in it, for SINGLE_FILE_MOUNTS."""
+    found = {}
+    for section, key, volume_name in SINGLE_FILE_MOUNTS:
+        node = r.config
+        for name in section:
+            node = node.get(name, {})
+        if key in node:
+            found[volume_name] = node[key]
+    return found
+
+
+def volume_items(r: Rendered, name: str) -> list[dict]:
+    source = volume(r, name)
+    return (source.get("configMap") or source["secret"])["items"]
+
+
+# What the tests write into each single-file mount, unless the chart renders the content.
+REDIS_PASSWORD = "redis-password-for-the-chart-tests"
+
+
+def single_file_content(r: Rendered, volume_name: str) -> bytes:
+    if volume_name == "cache-key":
+        generated = r.cache_key_secret()
+        if generated is not None:
+            (value,) = generated["data"].values()
+            return base64.b64decode(value)
+        return os.urandom(32)
+    if volume_name == "redis-password":
+        return REDIS_PASSWORD.encode()
+    return throwaway_pki()["upstream-ca.crt" if volume_name == "upstream-ca" else "ca.crt"].encode()
+
+
 def chart_files(r: Rendered) -> list[str]:
     """Every file path in the rendered config that points into a chart-made mount."""
-    config = r.config
     files = secret_files(r)
     files += [v for k, v in (tls_config(r) or {}).items() if k.endswith("_file")]
-    if "ca_file" in config["upstream"]:
-        files.append(config["upstream"]["ca_file"])
+    files += single_files(r).values()
     return files
 
 
@@ -199,8 +248,10 @@ def check_config(
     environment, and the secret files written under tmp_path instead of the mount path.
     A chart-rendered Secret supplies its own values; for an existing Secret, each mounted
     private key is a real PEM fixture for the client's algorithm, and every other key any
-    non-empty secret. The TLS Secret's keys get the throwaway PKI's PEMs (or `tls_files`), and
-    the upstream CA bundle a CA certificate, each under a directory of its own."""
+    non-empty secret. The TLS Secret's keys get the throwaway PKI's PEMs (or `tls_files`), the
+    upstream and Redis CA bundles a CA certificate, the cache key the chart-generated Secret's
+    bytes (else 32 random ones) and the Redis password REDIS_PASSWORD, each under a directory of
+    its own."""
     return run_rendered(tokengate_bin, r, tmp_path, ["check-config"], tls_files=tls_files)
 
 
@@ -220,14 +271,12 @@ def write_mounted_files(r: Rendered, tmp_path, tls_files: dict[str, str] | None 
         needle = f'"{tls_mount}/'
         assert text.count(needle) == sum(k.endswith("_file") for k in tls), (needle, text)
         text = text.replace(needle, f'"{directory}/')
-    if "ca_file" in r.config["upstream"]:
-        ca_mount = mount(r, "upstream-ca")["mountPath"]
-        source = volume(r, "upstream-ca")
-        (item,) = (source.get("configMap") or source["secret"])["items"]
-        directory = tmp_path / "upstream-ca"
+    for volume_name in single_files(r):
+        (item,) = volume_items(r, volume_name)
+        directory = tmp_path / volume_name
         directory.mkdir()
-        (directory / item["path"]).write_text(throwaway_pki()["upstream-ca.crt"])
-        needle = f'"{ca_mount}/'
+        (directory / item["path"]).write_bytes(single_file_content(r, volume_name))
+        needle = f'"{mount(r, volume_name)["mountPath"]}/'
         assert text.count(needle) == 1, (needle, text)
         text = text.replace(needle, f'"{directory}/')
     return text
@@ -280,6 +329,7 @@ def test_check_config_accepts_the_rendered_config(rendered, tokengate_bin, tmp_p
     assert f'listen = "0.0.0.0:{rendered.listen_port}"' in proc.stdout
     for secret in (rendered.secret_data() or {}).values():
         assert secret not in proc.stdout
+    assert REDIS_PASSWORD not in proc.stdout
 
 
 def test_check_config_is_not_vacuous(tokengate_bin, tmp_path):
@@ -399,7 +449,7 @@ def test_network_policy_opens_the_grpc_port_and_the_upstream_port(rendered):
     url = urlsplit(rendered.config["upstream"]["base_url"])
     upstream_port = url.port or {"https": 443, "http": 80}[url.scheme]
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
-    assert sorted(egress_ports) == sorted([53, 53, upstream_port])
+    assert sorted(egress_ports) == sorted([53, 53, upstream_port, *redis_ports(rendered)])
 
 
 def test_network_policy_upstream_port_follows_base_url():
@@ -437,17 +487,21 @@ def test_restricted_security_context(rendered):
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
+CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+
+
 def test_standard_labels_on_every_object(rendered):
     for doc in rendered.docs:
         labels = doc["metadata"]["labels"]
         for key in ("name", "instance", "version", "component", "part-of", "managed-by"):
             assert f"app.kubernetes.io/{key}" in labels, (doc["kind"], key)
-        assert labels["helm.sh/chart"] == "tokengate-0.1.0"
+        assert labels["helm.sh/chart"] == f"tokengate-{CHART_VERSION}"
         assert doc["metadata"]["namespace"] == "auth"
 
 
 CONFIG_CHANGES = [
     {"config": {"upstream": {"request_timeout": "7s"}}},
+    {"config": {"cache": {"replay_window": "10s"}}},
     {"config": {"clients": {"allow_public": False}}},
     {"containerPort": 50052},
 ]
@@ -894,7 +948,14 @@ def test_tls_without_mtls_is_refused_because_the_binary_has_no_plaintext_health_
 
 
 # The binary's defaults for the keys values.yaml sets: the chart must not change them silently.
-DEFAULTED_KEYS = {"server": ["max_concurrent_calls", "max_queued_calls"], "upstream": ["max_connections", "allow_insecure_http"]}
+# Durations are compared as durations (the binary prints "60s" as "1m"), lists as sets.
+DEFAULTED_KEYS = {
+    "server": ["max_concurrent_calls", "max_queued_calls"],
+    "upstream": ["max_connections", "allow_insecure_http"],
+    "cache": ["backend", "grants", "refresh_ahead", "min_remaining", "replay_window", "max_entries"],
+    "cache.redis": ["url", "key_prefix", "timeout"],
+}
+DURATION_KEYS = {"refresh_ahead", "min_remaining", "replay_window", "timeout"}
 
 
 def test_values_yaml_defaults_are_the_binarys(tokengate_bin, tmp_path):
@@ -906,9 +967,19 @@ def test_values_yaml_defaults_are_the_binarys(tokengate_bin, tmp_path):
     binary = tomllib.loads(proc.stdout)
     values = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
     for section, keys in DEFAULTED_KEYS.items():
+        ours, theirs = values, binary
+        for name in section.split("."):
+            ours, theirs = ours[name], theirs[name]
         for key in keys:
-            assert values[section][key] == binary[section][key], (section, key)
+            if key in DURATION_KEYS:
+                assert seconds(ours[key]) == seconds_any(theirs[key]), (section, key, ours[key], theirs[key])
+            elif isinstance(ours[key], list):
+                assert sorted(ours[key]) == sorted(theirs[key]), (section, key)
+            else:
+                assert ours[key] == theirs[key], (section, key)
     assert values["callers"] == [] and "callers" not in binary
+    # Without the redis backend the binary runs with no key file (a random key per process).
+    assert "key_file" not in binary["cache"]
 
 
 def binary_fields(tokengate_bin, tmp_path, toml: str) -> set[str]:
@@ -930,6 +1001,12 @@ SECTIONS = {
     "server.tls": ('[server.tls]\ncert_file = "a"\nkey_file = "b"\nbogus_key = 1', set(), {"cert_file", "key_file", "client_ca_file"}),
     "upstream": ("[upstream]\nbogus_key = 1", set(CONFIG_SCHEMA["upstream"]["properties"]), {"ca_file"}),
     "callers": ('[[callers]]\nname = "a"\nbogus_key = 1', set(CONFIG_SCHEMA["callers"]["items"]["properties"]), set()),
+    "cache": ("[cache]\nbogus_key = 1", set(CONFIG_SCHEMA["cache"]["properties"]), {"key_file"}),
+    "cache.redis": (
+        "[cache.redis]\nbogus_key = 1",
+        set(CONFIG_SCHEMA["cache"]["properties"]["redis"]["properties"]),
+        {"password_file", "ca_file"},
+    ),
 }
 
 
@@ -976,3 +1053,323 @@ def test_schema_and_binary_agree_on_callers(schemaless_chart, tokengate_bin, tmp
             verdicts.append((caller, schema_ok, proc.returncode == 0, proc.stderr.strip()))
     assert [v for v in verdicts if v[1] != v[2]] == []
     assert sum(ok for _, ok, _, _ in verdicts) == 4
+
+
+# --- The token broker: cache key, Redis, clients passed through --------------------------------
+
+
+def redis_backend(r: Rendered) -> bool:
+    return r.config["cache"]["backend"] == "redis"
+
+
+def redis_ports(r: Rendered) -> list[int]:
+    """The ports of the Redis URLs (6379 when a URL names none), without repeats; [] without
+    the redis backend."""
+    if not redis_backend(r):
+        return []
+    ports = []
+    for url in r.config["cache"]["redis"]["url"].split(","):
+        port = urlsplit(url.strip()).port or 6379
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def server_policy(r: Rendered) -> dict:
+    (policy,) = [p for p in r.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
+    return policy
+
+
+FLEET_REDIS = {"config": {"cache": {"backend": "redis"}}}
+
+
+def test_a_value_set_renders_the_redis_fleet(rendered_sets):
+    # Not vacuous: the checks above and below see every broker key in at least one value set.
+    r = rendered_sets["fleet"]
+    assert redis_backend(r) and r.deployment["spec"]["replicas"] == 3
+    assert r.config["cache"]["redis"]["url"].startswith("rediss://")
+    assert set(single_files(r)) == {"cache-key", "redis-password", "redis-ca"}
+    assert r.cache_key_secret() is not None
+    assert [c["client_id"] for c in registered(r) if c.get("cache") is False] == ["legacy-app"]
+
+
+def test_check_config_accepts_the_fleet(rendered_sets, tokengate_bin, tmp_path):
+    r = rendered_sets["fleet"]
+    proc = check_config(tokengate_bin, r, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    effective = tomllib.loads(proc.stdout)
+    cache = effective["cache"]
+    assert cache["backend"] == "redis"
+    assert cache["key_file"] == f"{tmp_path}/cache-key/cache.key"
+    assert cache["redis"]["password_file"] == f"{tmp_path}/redis-password/password"
+    assert cache["redis"]["ca_file"] == f"{tmp_path}/redis-ca/ca.crt"
+    assert cache["redis"]["url"] == r.config["cache"]["redis"]["url"]
+    # The passthrough switch reaches the binary, per client.
+    assert {c["client_id"]: c["cache"] for c in effective["clients"]["registered"]} == {
+        "billing-app": True, "legacy-app": False}
+    assert REDIS_PASSWORD not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "breakage,expected",
+    [("short-key", "cache.key_file"), ("no-key", "needs cache.key_file"), ("bad-ca", "cache.redis.ca_file"),
+     ("no-password", "cache.redis.password_file")],
+)
+def test_check_config_is_not_vacuous_for_the_cache(breakage, expected, rendered_sets, tokengate_bin, tmp_path):
+    """The same pipeline refuses a cache key under 32 bytes, redis without a key file, a Redis
+    CA that is no certificate and a missing password file."""
+    r = rendered_sets["fleet"]
+    text = write_mounted_files(r, tmp_path)
+    if breakage == "short-key":
+        (tmp_path / "cache-key" / "cache.key").write_bytes(b"k" * 31)
+    elif breakage == "no-key":
+        text = re.sub(r"(?m)^\s*key_file = .*\n", "", text)
+    elif breakage == "bad-ca":
+        (tmp_path / "redis-ca" / "ca.crt").write_text("not a certificate\n")
+    else:
+        (tmp_path / "redis-password" / "password").unlink()
+    config = tmp_path / "tokengate.toml"
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    proc = subprocess.run([tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 64, proc
+    assert expected in proc.stderr
+
+
+def file_keys(node) -> list[str]:
+    """Every value of a `*_file` key anywhere in a config."""
+    if isinstance(node, list):
+        return [f for item in node for f in file_keys(item)]
+    if isinstance(node, dict):
+        return [f for k, v in node.items() for f in ([v] if k.endswith("_file") else file_keys(v))]
+    return []
+
+
+def test_every_file_in_the_config_is_in_a_chart_made_mount(rendered):
+    """No file key of the rendered config points anywhere the chart did not mount."""
+    files = chart_files(rendered)
+    assert sorted(file_keys(rendered.config)) == sorted(files)
+    mounts = {m["mountPath"] for m in rendered.container["volumeMounts"]}
+    assert {posixpath.dirname(f) for f in files} <= mounts
+
+
+def test_the_broker_files_are_in_their_mounts(rendered):
+    """Each of cache.key_file, cache.redis.password_file and cache.redis.ca_file is the one file
+    of a read-only volume of its own, from the Secret or ConfigMap the values name; without the
+    file the volume is absent."""
+    files = single_files(rendered)
+    values = rendered.values or {}
+    cache_values = values.get("cache", {})
+    for _, _, volume_name in SINGLE_FILE_MOUNTS:
+        if volume_name not in files:
+            assert volume(rendered, volume_name) is None and mount(rendered, volume_name) is None, volume_name
+            continue
+        (item,) = volume_items(rendered, volume_name)
+        assert item["key"] == item["path"]
+        assert files[volume_name] == posixpath.join(mount(rendered, volume_name)["mountPath"], item["path"])
+        source = volume(rendered, volume_name)
+        if volume_name == "cache-key":
+            existing = cache_values.get("key", {}).get("existingSecret")
+            name = existing or rendered.cache_key_secret()["metadata"]["name"]
+            assert source["secret"]["secretName"] == name
+        elif volume_name == "redis-password":
+            assert source["secret"]["secretName"] == cache_values["redis"]["password"]["existingSecret"]
+        elif volume_name == "redis-ca":
+            bundle = cache_values["redis"]["caBundle"]
+            assert (source.get("configMap", {}).get("name") or source["secret"]["secretName"]) == (
+                bundle.get("configMap") or bundle.get("secret"))
+
+
+def test_the_cache_key_is_there_exactly_when_needed(rendered):
+    """redis: a key file always (the binary refuses redis without one), from the generated Secret
+    unless an existing one is named. memory: none unless an existing Secret is named."""
+    existing = ((rendered.values or {}).get("cache", {}).get("key", {}).get("existingSecret"))
+    has_key = "key_file" in rendered.config["cache"]
+    generated = rendered.cache_key_secret()
+    if redis_backend(rendered):
+        assert has_key
+        assert (generated is None) == bool(existing)
+    else:
+        assert has_key == bool(existing)
+        assert generated is None
+
+
+def test_the_generated_cache_key_is_32_random_bytes_and_rolls_no_pod():
+    """Rendered without a cluster (no `lookup`), each render makes a new key, as `helm template`
+    would; the pods' checksum does not cover it, so a new key never rolls the pods by itself."""
+    a, b = Rendered(load_values("fleet")), Rendered(load_values("fleet"))
+    keys = [base64.b64decode(r.cache_key_secret()["data"]["cache.key"]) for r in (a, b)]
+    assert [len(k) for k in keys] == [32, 32]
+    assert keys[0] != keys[1]
+    annotations = lambda r: r.deployment["spec"]["template"]["metadata"]["annotations"]  # noqa: E731
+    assert annotations(a) == annotations(b)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_an_existing_cache_key_secret_is_mounted_and_none_generated(backend):
+    values = {**load_values("fleet"), "cache": {"key": {"existingSecret": "fleet-key", "secretKey": "key.bin"}}}
+    values["config"] = {**values["config"], "cache": {**values["config"]["cache"], "backend": backend}}
+    r = Rendered(values)
+    assert r.cache_key_secret() is None
+    assert volume(r, "cache-key")["secret"] == {
+        "secretName": "fleet-key", "items": [{"key": "key.bin", "path": "key.bin"}], "defaultMode": 0o440}
+    assert r.config["cache"]["key_file"] == posixpath.join(mount(r, "cache-key")["mountPath"], "key.bin")
+
+
+def test_the_redis_password_never_reaches_the_configmap(rendered_sets):
+    """The chart only names the password's Secret: the ConfigMap holds the file's path, the pod
+    spec mounts the Secret's key, and no value of the chart carries the password itself (the
+    schema refuses one in the URL, see test_chart_schema)."""
+    r = rendered_sets["fleet"]
+    password = r.values["cache"]["redis"]["password"]
+    assert r.config["cache"]["redis"]["password_file"].endswith(f"/{password['secretKey']}")
+    assert set(r.config["cache"]["redis"]) == {"url", "key_prefix", "timeout", "password_file", "ca_file"}
+    assert urlsplit(r.config["cache"]["redis"]["url"]).password is None
+    assert volume(r, "redis-password")["secret"]["secretName"] == password["existingSecret"]
+    for env in r.container.get("env", []):
+        assert "REDIS" not in env["name"], env
+
+
+def test_network_policy_opens_redis_only_with_the_redis_backend(rendered):
+    egress = server_policy(rendered)["spec"]["egress"]
+    np = (rendered.values or {}).get("networkPolicy", {}).get("egress", {})
+    dns = np.get("dns", True)
+    # DNS, the upstream, Redis (with the redis backend), then the extra rules.
+    assert len(egress) == int(dns) + 1 + int(redis_backend(rendered)) + len(np.get("extra", []))
+    if redis_backend(rendered):
+        rule = egress[int(dns) + 1]
+        assert rule["ports"] == [{"port": p, "protocol": "TCP"} for p in redis_ports(rendered)]
+        assert rule.get("to", []) == np.get("redis", {}).get("to", [])
+
+
+def test_redis_egress_ports_follow_the_urls():
+    url = "redis://a.cache:7000/0, redis://b.cache:7001,redis://c.cache,rediss://d.cache:7000"
+    r = Rendered({"config": {"cache": {"backend": "redis", "redis": {"url": url}}}})
+    (rule,) = [e for e in server_policy(r)["spec"]["egress"] if e["ports"][0]["port"] == 7000]
+    assert rule == {"ports": [{"port": p, "protocol": "TCP"} for p in (7000, 7001, 6379)]}
+    # The memory backend opens nothing to Redis, whatever networkPolicy.egress.redis says.
+    peers = [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    r = Rendered({"networkPolicy": {"egress": {"redis": {"to": peers}}}})
+    assert [p["port"] for e in server_policy(r)["spec"]["egress"] for p in e["ports"]] == [53, 53, 443]
+    r = Rendered({**FLEET_REDIS, "networkPolicy": {"egress": {"redis": {"to": peers}}}})
+    assert {"ports": [{"port": 6379, "protocol": "TCP"}], "to": peers} in server_policy(r)["spec"]["egress"]
+
+
+def test_schema_cache_enums_are_the_binarys(tokengate_bin, tmp_path):
+    cache = CONFIG_SCHEMA["cache"]["properties"]
+    grants = SCHEMA["definitions"]["grantType"]["enum"]
+    assert set(grants) == binary_fields(tokengate_bin, tmp_path, '[cache]\ngrants = ["bogus"]')
+    assert set(cache["backend"]["enum"]) == binary_fields(tokengate_bin, tmp_path, '[cache]\nbackend = "bogus"')
+    # The clients' allowed_grants take the same names.
+    assert CLIENT_SCHEMA["properties"]["allowed_grants"]["items"] == {"$ref": "#/definitions/grantType"}
+
+
+def binary_accepts(tokengate_bin, r: Rendered, tmp_path, edit=lambda text: text) -> subprocess.CompletedProcess:
+    """check-config on the rendered config (files in place), after `edit` of its text."""
+    text = edit(write_mounted_files(r, tmp_path))
+    config = tmp_path / "tokengate.toml"
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    proc = subprocess.run([tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode in (0, 64), proc
+    return proc
+
+
+# Per cache duration: values either side of what the binary accepts (zero is fine for the two
+# renewal thresholds, not for the replay window or the Redis timeout).
+CACHE_DURATIONS = [
+    (("refresh_ahead",), ["0s", "1ms", "90s", "5m"]),
+    (("min_remaining",), ["0s", "0ms", "250ms", "60s"]),
+    (("replay_window",), ["0s", "1ms", "30s", "2m"]),
+    (("redis", "timeout"), ["0ms", "1ms", "50ms", "2s"]),
+]
+
+
+def test_schema_and_binary_agree_on_the_cache_durations(schemaless_chart, tokengate_bin, tmp_path):
+    """Each cache duration in the fleet value set: the schema admits it exactly when
+    `tokengate check-config` accepts the config the chart renders for it."""
+    verdicts = []
+    with helm.Chart.load(CHART) as chart:
+        for path, durations in CACHE_DURATIONS:
+            for duration in durations:
+                values = load_values("fleet")
+                node = values["config"]["cache"]
+                node["min_remaining"] = "0s"  # at most any refresh_ahead here
+                for name in path[:-1]:
+                    node = node.setdefault(name, {})
+                node[path[-1]] = duration
+                try:
+                    chart.validate_schema(values)
+                    schema_ok = True
+                except helm.HelmValuesError:
+                    schema_ok = False
+                directory = tmp_path / f"{'.'.join(path)}-{duration}"
+                directory.mkdir()
+                proc = binary_accepts(tokengate_bin, Rendered(values, chart_dir=schemaless_chart), directory)
+                verdicts.append((path, duration, schema_ok, proc.returncode == 0, proc.stderr.strip()))
+    assert [v for v in verdicts if v[2] != v[3]] == []
+    # Not vacuous: zero is refused for the replay window and the Redis timeout only.
+    assert [(v[0], v[1]) for v in verdicts if not v[2]] == [(("replay_window",), "0s"), (("redis", "timeout"), "0ms")]
+
+
+@pytest.mark.parametrize(
+    "min_remaining,refresh_ahead",
+    [("60s", "5m"), ("5m", "5m"), ("301s", "5m"), ("1001ms", "1s"), ("1000ms", "1s"), ("0s", "0s"), ("1ms", "0s")],
+)
+def test_chart_and_binary_agree_on_min_remaining_against_refresh_ahead(min_remaining, refresh_ahead, rendered_sets, tokengate_bin, tmp_path):
+    """The chart refuses min_remaining > refresh_ahead (no schema can compare two values) with
+    the binary's reason, exactly when the binary refuses it."""
+    values = load_values("fleet")
+    values["config"]["cache"].update(min_remaining=min_remaining, refresh_ahead=refresh_ahead)
+    try:
+        Rendered(values)
+        chart_ok = True
+    except helm.HelmRenderError as error:
+        assert "must not exceed config.cache.refresh_ahead" in str(error)
+        chart_ok = False
+
+    def edit(text: str) -> str:
+        text = re.sub(r'(?m)^(\s*min_remaining = )".*"$', rf'\g<1>"{min_remaining}"', text)
+        return re.sub(r'(?m)^(\s*refresh_ahead = )".*"$', rf'\g<1>"{refresh_ahead}"', text)
+
+    proc = binary_accepts(tokengate_bin, rendered_sets["fleet"], tmp_path, edit)
+    assert chart_ok == (proc.returncode == 0), proc.stderr
+    assert chart_ok == (seconds(min_remaining) <= seconds(refresh_ahead))
+
+
+# Redis URLs, and whether the binary takes them. The schema admits the same, except a URL with
+# a password: the binary would take it, but the password would then be in the ConfigMap.
+REDIS_URLS = [
+    ("redis://redis:6379/0", True),
+    ("rediss://redis-master.cache.svc:6380/0", True),
+    ("redis://redis", True),
+    ("redis://tokengate@redis:6379/0", True),
+    ("redis://[::1]:6379/0", True),
+    ("redis://a:7000,redis://b:7001, redis://c:7002", True),
+    ("http://redis:6379", False),
+    ("redis-sentinel://redis:26379", False),
+    ("redis://a:7000,", False),
+    ("redis", False),
+]
+REDIS_URLS_WITH_PASSWORDS = ["redis://:s3cr3t@redis:6379/0", "redis://user:s3cr3t@redis/0", "redis://a:7000,rediss://u:pw@b:7001"]
+
+
+def test_schema_and_binary_agree_on_redis_urls(schemaless_chart, tokengate_bin, tmp_path):
+    verdicts = []
+    with helm.Chart.load(CHART) as chart:
+        for n, (url, _) in enumerate(REDIS_URLS + [(u, True) for u in REDIS_URLS_WITH_PASSWORDS]):
+            values = load_values("fleet")
+            values["config"]["cache"]["redis"]["url"] = url
+            values["cache"]["redis"]["caBundle"] = {"secret": "", "configMap": "", "key": "ca.crt"}
+            try:
+                chart.validate_schema(values)
+                schema_ok = True
+            except helm.HelmValuesError:
+                schema_ok = False
+            directory = tmp_path / str(n)
+            directory.mkdir()
+            proc = binary_accepts(tokengate_bin, Rendered(values, chart_dir=schemaless_chart), directory)
+            verdicts.append((url, schema_ok, proc.returncode == 0, proc.stderr.strip()))
+    expected = [(url, ok and url not in REDIS_URLS_WITH_PASSWORDS, ok) for url, ok in REDIS_URLS] + [
+        (url, False, True) for url in REDIS_URLS_WITH_PASSWORDS]
+    assert [v[:3] for v in verdicts] == expected, verdicts

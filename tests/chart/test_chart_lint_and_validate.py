@@ -82,3 +82,5 @@ def test_every_value_set_renders_the_expected_objects(rendered_sets):
     assert kinds["headless"] == sorted(base + ["PodDisruptionBudget", "Service"])
     # TLS and the upstream CA come from existing Secrets and ConfigMaps: nothing more rendered.
     assert kinds["mtls"] == sorted(base + ["PodDisruptionBudget"])
+    # The redis backend's cache key, generated; the Redis password and CA are existing objects.
+    assert kinds["fleet"] == sorted(base + ["PodDisruptionBudget", "Secret"])

@@ -132,6 +132,34 @@ REFUSED = [
         "/config/clients/registered/0/allowed_callers",
     ),
     ({"upstream": {"caBundle": {"configMap": "ca", "key": "a/b"}}}, "/upstream/caBundle/key"),
+    # the token broker: enums, durations and limits the binary accepts ...
+    ({"config": {"cache": {"backend": "etcd"}}}, "/config/cache/backend"),
+    ({"config": {"cache": {"grants": ["magic"]}}}, "/config/cache/grants/0"),
+    ({"config": {"cache": {"grants": ["otp", "otp"]}}}, "/config/cache/grants"),
+    ({"config": {"cache": {"refresh_ahead": "5 minutes"}}}, "/config/cache/refresh_ahead"),
+    ({"config": {"cache": {"min_remaining": 60}}}, "/config/cache/min_remaining"),
+    ({"config": {"cache": {"replay_window": "0s"}}}, "/config/cache/replay_window"),
+    ({"config": {"cache": {"max_entries": 0}}}, "/config/cache/max_entries"),
+    ({"config": {"cache": {"max_entries": "100000"}}}, "/config/cache/max_entries"),
+    ({"config": {"cache": {"redis": {"timeout": "0ms"}}}}, "/config/cache/redis/timeout"),
+    ({"config": {"cache": {"redis": {"url": "http://redis:6379"}}}}, "/config/cache/redis/url"),
+    ({"config": {"cache": {"redis": {"db": 1}}}}, "db"),
+    ({"config": {"clients": {"registered": [{"client_id": "a", "auth_method": "none", "cache": "no"}]}}},
+     "/config/clients/registered/0/cache"),
+    # ... the files are the chart's (from cache.key and cache.redis) ...
+    ({"config": {"cache": {"key_file": "/keys/cache.key"}}}, "key_file"),
+    ({"config": {"cache": {"redis": {"password_file": "/x"}}}}, "password_file"),
+    ({"config": {"cache": {"redis": {"ca_file": "/x.pem"}}}}, "ca_file"),
+    # ... and no Redis password ever goes into the ConfigMap, in a key or in the URL
+    ({"config": {"cache": {"redis": {"password": "s3cr3t"}}}}, "password"),
+    ({"config": {"cache": {"redis": {"url": "redis://:s3cr3t@redis:6379/0"}}}}, "/config/cache/redis/url"),
+    ({"config": {"cache": {"redis": {"url": "rediss://tokengate:s3cr3t@redis/0"}}}}, "/config/cache/redis/url"),
+    ({"config": {"cache": {"redis": {"url": "redis://a:7000,redis://u:pw@b:7001"}}}}, "/config/cache/redis/url"),
+    ({"cache": {"redis": {"password": {"name": "redis-auth"}}}}, "name"),
+    ({"cache": {"key": {"secretKey": "keys/cache.key"}}}, "/cache/key/secretKey"),
+    ({"cache": {"redis": {"caBundle": {"secret": "ca", "key": "a/b"}}}}, "/cache/redis/caBundle/key"),
+    ({"networkPolicy": {"egress": {"redis": {"port": 6379}}}}, "port"),
+    ({"networkPolicy": {"egress": {"redis": {"to": [{"ipBlok": {"cidr": "10.0.0.0/8"}}]}}}}, "ipBlok"),
 ]
 
 
@@ -237,6 +265,27 @@ TEMPLATE_REFUSALS = [
         {"upstream": {"caBundle": {"configMap": "ca", "secret": "ca", "key": "ca.crt"}}},
         "not both",
     ),
+    (
+        {"config": {"cache": {"min_remaining": "6m"}}},
+        "config.cache.min_remaining (6m) must not exceed config.cache.refresh_ahead (5m)",
+    ),
+    (
+        {"cache": {"redis": {"password": {"existingSecret": "redis-auth"}}}},
+        "cache.redis.password and cache.redis.caBundle need config.cache.backend: redis",
+    ),
+    (
+        {"cache": {"redis": {"caBundle": {"configMap": "redis-ca"}}}},
+        "cache.redis.password and cache.redis.caBundle need config.cache.backend: redis",
+    ),
+    (
+        {"config": {"cache": {"backend": "redis"}}, "cache": {"redis": {"caBundle": {"configMap": "redis-ca"}}}},
+        "no URL in config.cache.redis.url is rediss://",
+    ),
+    (
+        {"config": {"cache": {"backend": "redis", "redis": {"url": "rediss://r:6380"}}},
+         "cache": {"redis": {"caBundle": {"configMap": "redis-ca", "secret": "redis-ca"}}}},
+        "set cache.redis.caBundle.configMap or cache.redis.caBundle.secret, not both",
+    ),
 ]
 
 
@@ -264,6 +313,23 @@ ADMITTED = [
 def test_schema_admits_the_signing_methods_settings(client):
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema({"config": {"clients": {"registered": [client]}}})
+
+
+# Redis URLs the schema admits: TLS, a database, an ACL user name without a password, IPv6,
+# Redis Cluster seeds (each checked by the binary too, in test_chart_drift).
+ADMITTED_REDIS_URLS = [
+    "redis://redis:6379/0",
+    "rediss://redis-master.cache.svc:6380/0",
+    "redis://tokengate@redis",
+    "redis://[::1]:6379",
+    "redis://a:7000,redis://b:7001, redis://c:7002",
+]
+
+
+@pytest.mark.parametrize("url", ADMITTED_REDIS_URLS)
+def test_schema_admits_redis_urls_without_a_password(url):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({"config": {"cache": {"backend": "redis", "redis": {"url": url}}}})
 
 
 def test_every_value_set_meets_the_schema(value_set):
@@ -342,3 +408,31 @@ def test_every_key_in_values_yaml_has_a_comment():
         if not above.startswith("#"):
             uncommented.append(f"{number + 1}: {line.strip()}")
     assert uncommented == []
+
+
+def test_the_fleet_example_in_values_yaml_is_the_tested_fleet():
+    """The commented fleet example above `cache:` in values.yaml is part of
+    tests/chart/values/fleet.yaml, so what it shows renders, lints, validates, passes checkov and
+    `tokengate check-config` as that value set does."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    start = lines.index("# The fleet example (tested as tests/chart/values/fleet.yaml): three pods share one token cache")
+    example = []
+    for line in lines[start + 1:]:
+        if line == "#":
+            break
+        if line.startswith("#   "):
+            example.append(line[4:])
+    shown = yaml.safe_load("\n".join(example))
+    fleet = load_values("fleet")
+
+    def contained(part, whole, path=""):
+        if isinstance(part, dict):
+            assert isinstance(whole, dict), path
+            for key, value in part.items():
+                assert key in whole, f"{path}/{key}"
+                contained(value, whole[key], f"{path}/{key}")
+        else:
+            assert part == whole, path
+
+    assert shown and set(shown) >= {"replicaCount", "config", "cache", "networkPolicy"}
+    contained(shown, fleet)

@@ -262,13 +262,14 @@ JSON list; ca.crt only with mTLS.
 {{- end }}
 
 {{/*
-The upstream CA bundle's source as a JSON object {"kind": "configMap"|"secret", "name": ...},
-or {} when none is set. Both set is refused.
+The source of a CA bundle value (upstream.caBundle, cache.redis.caBundle) as a JSON object
+{"kind": "configMap"|"secret", "name": ...}, or {} when none is set. Both set is refused.
+Call with (dict "bundle" <the caBundle value> "path" "<its values path, for the message>").
 */}}
-{{- define "tokengate.upstreamCA" -}}
-{{- $ca := .Values.upstream.caBundle }}
+{{- define "tokengate.caBundleSource" -}}
+{{- $ca := .bundle }}
 {{- if and $ca.configMap $ca.secret }}
-{{- fail "set upstream.caBundle.configMap or upstream.caBundle.secret, not both" }}
+{{- fail (printf "set %s.configMap or %s.secret, not both" .path .path) }}
 {{- else if $ca.configMap }}
 {{- toJson (dict "kind" "configMap" "name" $ca.configMap) }}
 {{- else if $ca.secret }}
@@ -276,6 +277,33 @@ or {} when none is set. Both set is refused.
 {{- else }}
 {{- toJson dict }}
 {{- end }}
+{{- end }}
+
+{{/*
+The upstream CA bundle's source (see tokengate.caBundleSource).
+*/}}
+{{- define "tokengate.upstreamCA" -}}
+{{- include "tokengate.caBundleSource" (dict "bundle" .Values.upstream.caBundle "path" "upstream.caBundle") }}
+{{- end }}
+
+{{/*
+The volume of one file from a ConfigMap or Secret (upstream-ca, cache-key, redis-password,
+redis-ca): only that key, readable by the pod's group (fsGroup). Call with (dict "name" <volume
+name> "source" {"kind": "configMap"|"secret", "name": ...} "key" <the key>).
+*/}}
+{{- define "tokengate.fileVolume" -}}
+- name: {{ .name }}
+  {{- if eq .source.kind "configMap" }}
+  configMap:
+    name: {{ .source.name }}
+  {{- else }}
+  secret:
+    secretName: {{ .source.name }}
+  {{- end }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+    defaultMode: 0440
 {{- end }}
 
 {{/*
@@ -287,6 +315,111 @@ ConfigMap or Secret reaches the file.
 {{- end }}
 
 {{/*
+A duration of the form "<n>ms", "<n>s" or "<n>m" (the schema allows only these) in
+milliseconds, to compare two of them. Call with the string.
+*/}}
+{{- define "tokengate.durationMillis" -}}
+{{- if hasSuffix "ms" . }}
+{{- trimSuffix "ms" . | atoi }}
+{{- else if hasSuffix "s" . }}
+{{- mul (trimSuffix "s" . | atoi) 1000 }}
+{{- else if hasSuffix "m" . }}
+{{- mul (trimSuffix "m" . | atoi) 60000 }}
+{{- else }}
+{{- fail (printf "duration %q must be in ms, s or m, e.g. \"50ms\", \"30s\" or \"5m\"" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The redis cache backend: "" (memory) or "true". The Redis files (cache.redis.password and
+cache.redis.caBundle) are refused without it, so a fleet that meant to share Redis cannot run
+on per-pod memory caches unnoticed; the CA bundle is refused unless some URL is rediss://, as it
+would imply TLS that a redis:// URL does not use.
+*/}}
+{{- define "tokengate.redis" -}}
+{{- $files := .Values.cache.redis }}
+{{- $ca := include "tokengate.caBundleSource" (dict "bundle" $files.caBundle "path" "cache.redis.caBundle") | fromJson }}
+{{- if eq .Values.config.cache.backend "redis" }}
+{{- if and $ca (not (regexMatch "(^|,)\\s*rediss://" .Values.config.cache.redis.url)) }}
+{{- fail "cache.redis.caBundle is a trust root for TLS, but no URL in config.cache.redis.url is rediss://" }}
+{{- end }}
+{{- true }}
+{{- else if or $files.password.existingSecret $ca }}
+{{- fail "cache.redis.password and cache.redis.caBundle need config.cache.backend: redis; with the memory backend every pod keeps its own cache and Redis is not used" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The cache key's Secret as a JSON object {"name": ..., "key": ..., "generate": bool}, or {}
+when there is none (memory backend without cache.key.existingSecret: tokengate then makes a
+random key per process). With redis and no existing Secret, the chart generates
+`<fullname>-cache-key` (templates/secret-cache-key.yaml), one key for every pod.
+*/}}
+{{- define "tokengate.cacheKey" -}}
+{{- $key := .Values.cache.key }}
+{{- if $key.existingSecret }}
+{{- toJson (dict "name" $key.existingSecret "key" $key.secretKey "generate" false) }}
+{{- else if include "tokengate.redis" . }}
+{{- toJson (dict "name" (printf "%s-cache-key" (include "tokengate.fullname" . | trunc 53 | trimSuffix "-")) "key" $key.secretKey "generate" true) }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the cache key, the Redis password and the Redis CA bundle are mounted: a directory each
+(no subPath), like the upstream CA bundle.
+*/}}
+{{- define "tokengate.cacheKeyDir" -}}
+/var/run/tokengate/cache-key
+{{- end }}
+{{- define "tokengate.redisPasswordDir" -}}
+/var/run/tokengate/redis-password
+{{- end }}
+{{- define "tokengate.redisCADir" -}}
+/var/run/tokengate/redis-ca
+{{- end }}
+
+{{/*
+The Redis password's Secret as {"kind": "secret", "name": ...}, or {} without a password or
+without the redis backend.
+*/}}
+{{- define "tokengate.redisPassword" -}}
+{{- $name := .Values.cache.redis.password.existingSecret }}
+{{- if and (include "tokengate.redis" .) $name }}
+{{- toJson (dict "kind" "secret" "name" $name) }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Redis CA bundle's source (see tokengate.caBundleSource); {} without the redis backend.
+*/}}
+{{- define "tokengate.redisCA" -}}
+{{- if include "tokengate.redis" . }}
+{{- include "tokengate.caBundleSource" (dict "bundle" .Values.cache.redis.caBundle "path" "cache.redis.caBundle") }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TCP ports of the Redis URLs in config.cache.redis.url (comma-separated for Redis Cluster),
+each URL's own port or 6379, as a JSON list without repeats. The NetworkPolicy opens egress to
+them.
+*/}}
+{{- define "tokengate.redisPorts" -}}
+{{- $ports := list }}
+{{- range splitList "," .Values.config.cache.redis.url }}
+{{- $url := urlParse (trim .) }}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" | default "6379" }}
+{{- $ports = append $ports ($port | int) }}
+{{- end }}
+{{- toJson ($ports | uniq) }}
+{{- end }}
+
+{{/*
 The tokengate config as a dict, ready for toToml. The keys that name ports and files are the
 chart's, so none of them can drift from the pod spec: `server.listen` comes from containerPort,
 `server.health_listen` (with mTLS) from healthPort, `server.tls.*` from tls.mountPath,
@@ -294,9 +427,11 @@ chart's, so none of them can drift from the pod spec: `server.listen` comes from
 and `private_key_file` (private_key_jwt) from secret.mountPath. The assertion settings
 (signing_alg, key_id, assertion_audience) and allowed_callers are passed through as set; the
 schema admits the assertion settings only for private_key_jwt and client_secret_jwt, as the
-binary does. Duplicate client ids, several default clients, duplicate caller names, SAN callers
-without mTLS and allowed_callers naming no caller are refused here, before the binary would
-refuse them.
+binary does, and so is each client's `cache` switch. The broker's files are the chart's too:
+`cache.key_file` (from the cache key's Secret), `cache.redis.password_file` and
+`cache.redis.ca_file` (from cache.redis). Duplicate client ids, several default clients,
+duplicate caller names, SAN callers without mTLS, allowed_callers naming no caller and a
+min_remaining above refresh_ahead are refused here, before the binary would refuse them.
 */}}
 {{- define "tokengate.config" -}}
 {{- $config := deepCopy .Values.config }}
@@ -355,7 +490,7 @@ refuse them.
 {{- $_ := set $client "client_secret_file" (printf "%s/%s" $mount (include "tokengate.secretKey" .)) }}
 {{- end }}
 {{- $entry := . }}
-{{- range list "signing_alg" "key_id" "assertion_audience" "allowed_callers" }}
+{{- range list "signing_alg" "key_id" "assertion_audience" "allowed_callers" "cache" }}
 {{- if hasKey $entry . }}
 {{- $_ := set $client . (get $entry .) }}
 {{- end }}
@@ -371,6 +506,19 @@ refuse them.
 {{- fail (printf "config.clients.registered: more than one default client: %s" (join ", " $defaults)) }}
 {{- end }}
 {{- $_ := set $config.clients "registered" $clients }}
+{{- $cache := $config.cache }}
+{{- if gt (include "tokengate.durationMillis" $cache.min_remaining | int64) (include "tokengate.durationMillis" $cache.refresh_ahead | int64) }}
+{{- fail (printf "config.cache.min_remaining (%s) must not exceed config.cache.refresh_ahead (%s): renewal must start before callers have to wait for it" $cache.min_remaining $cache.refresh_ahead) }}
+{{- end }}
+{{- with include "tokengate.cacheKey" . | fromJson }}
+{{- $_ := set $cache "key_file" (printf "%s/%s" (include "tokengate.cacheKeyDir" $) .key) }}
+{{- end }}
+{{- if include "tokengate.redisPassword" . | fromJson }}
+{{- $_ := set $cache.redis "password_file" (printf "%s/%s" (include "tokengate.redisPasswordDir" .) .Values.cache.redis.password.secretKey) }}
+{{- end }}
+{{- if include "tokengate.redisCA" . | fromJson }}
+{{- $_ := set $cache.redis "ca_file" (printf "%s/%s" (include "tokengate.redisCADir" .) .Values.cache.redis.caBundle.key) }}
+{{- end }}
 {{- toJson $config }}
 {{- end }}
 
@@ -387,6 +535,9 @@ as "1024.0" and tokengate would refuse for its integer keys, so those are made i
 {{- end }}
 {{- if hasKey $config.upstream "max_connections" }}
 {{- $_ := set $config.upstream "max_connections" ($config.upstream.max_connections | int64) }}
+{{- end }}
+{{- if hasKey $config.cache "max_entries" }}
+{{- $_ := set $config.cache "max_entries" ($config.cache.max_entries | int64) }}
 {{- end }}
 {{- toToml $config }}
 {{- end }}
