@@ -386,7 +386,7 @@ impl<F: Fetch> Broker<F> {
             inner.local.invalidate(&id);
             inner.by_token.invalidate(&digest);
         }
-        if let Some(fleet) = &inner.fleet
+        if let Some(fleet) = inner.fleet()
             && let Ok(Some(id)) = fleet.find_token(&digest).await
         {
             inner.local.invalidate(&id);
@@ -432,6 +432,13 @@ fn served(entry: &Entry, treatment: Treatment, now: SystemTime, coalesced: bool)
 }
 
 impl<F: Fetch> Inner<F> {
+    /// The Redis store while it answers. While it is down every call skips it at once
+    /// instead of waiting out `cache.redis.timeout` per command; its health check notices
+    /// when it is back.
+    fn fleet(&self) -> Option<&RedisStore> {
+        self.fleet.as_ref().filter(|fleet| fleet.is_up())
+    }
+
     /// The entry kept for `id`: the local layer's while it may answer, else the fleet's.
     async fn lookup(&self, id: &Digest) -> Option<Arc<Entry>> {
         let local = self.local.get(id);
@@ -440,7 +447,7 @@ impl<F: Fetch> Inner<F> {
         {
             return local;
         }
-        let Some(fleet) = &self.fleet else {
+        let Some(fleet) = self.fleet() else {
             return local;
         };
         match self.fleet_entry(fleet, id).await {
@@ -476,7 +483,7 @@ impl<F: Fetch> Inner<F> {
     /// Drops a rejected entry here and, if Redis still holds that same entry, there.
     async fn drop_entry(&self, id: &Digest, entry: &Entry) {
         self.local.invalidate(id);
-        if let Some(fleet) = &self.fleet
+        if let Some(fleet) = self.fleet()
             && let Some(shared) = self.fleet_entry(fleet, id).await
             && shared.version == entry.version
         {
@@ -495,7 +502,7 @@ impl<F: Fetch> Inner<F> {
         deadline: Option<Instant>,
     ) -> Landed {
         let mut lease = None;
-        if let Some(fleet) = &self.fleet {
+        if let Some(fleet) = self.fleet() {
             let until = deadline.unwrap_or_else(|| Instant::now() + self.lease_ttl);
             loop {
                 match fleet.lease(&id, self.lease_ttl).await {
@@ -648,7 +655,7 @@ impl<F: Fetch> Inner<F> {
             keep,
             settled,
         };
-        if let Some(fleet) = &self.fleet {
+        if let Some(fleet) = self.fleet() {
             let sealed = self.keys.seal(Purpose::Entry, id, &entry.encode());
             let tokens: Vec<Digest> = entry
                 .tokens()
