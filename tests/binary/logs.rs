@@ -17,6 +17,7 @@ const ACCESS_TOKEN: &str = "SECRET-access-token-7Hn";
 const REFRESH_TOKEN_OUT: &str = "SECRET-refresh-token-out-3Vb";
 const ID_TOKEN: &str = "SECRET-id-token-6Kd";
 const REVOKED_TOKEN: &str = "SECRET-revoked-token-1Ws";
+const CACHE_KEY: &[u8; 32] = b"SECRET-cache-key-32-bytes-long!!";
 
 /// Every secret a request of [`every_grant`] carries.
 const GRANT_SECRETS: &[&str] = &[
@@ -34,8 +35,14 @@ const GRANT_SECRETS: &[&str] = &[
 ];
 
 fn config(base_url: &str) -> String {
+    config_with(base_url, "")
+}
+
+/// The config, with extra top-level TOML (e.g. a `[cache]` section) appended.
+fn config_with(base_url: &str, extra: &str) -> String {
     format!(
         r#"
+        {extra}
         [server]
         listen = "127.0.0.1:0"
         shutdown_grace_period = "5s"
@@ -108,8 +115,9 @@ fn every_grant() -> Vec<Grant> {
     ]
 }
 
-/// Each grant through each way of authenticating the client.
-fn every_request() -> Vec<GetTokenRequest> {
+/// Each grant through each way of authenticating the client. `round` goes into the scope, so
+/// each round is new to the broker and reaches the upstream.
+fn every_request(round: usize) -> Vec<GetTokenRequest> {
     let mut requests = Vec::new();
     for grant in every_grant() {
         for (client_id, assertion) in [
@@ -124,8 +132,14 @@ fn every_request() -> Vec<GetTokenRequest> {
                 client_assertion: assertion.map(|a| proto::ClientAssertion {
                     assertion: a.into(),
                 }),
-                scopes: vec!["ReadAccounts".into()],
+                scopes: vec!["ReadAccounts".into(), format!("Round{round}")],
                 ..Default::default()
+            });
+            // The same request again, reporting the token the upstream hands out as refused:
+            // a rejection (when the cache holds it) or a replay, depending on the grant.
+            requests.push(GetTokenRequest {
+                rejected_access_token: ACCESS_TOKEN.into(),
+                ..requests.last().expect("just pushed").clone()
             });
         }
     }
@@ -261,6 +275,7 @@ fn all_secrets() -> Vec<String> {
             REFRESH_TOKEN_OUT,
             ID_TOKEN,
             REVOKED_TOKEN,
+            std::str::from_utf8(CACHE_KEY).expect("ascii"),
         ]
         .map(str::to_owned),
     );
@@ -297,14 +312,14 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     let upstream = MockServer::start().await;
     let mut served = Served::start(&config(&upstream.uri()), &[("RUST_LOG", "trace")]).await;
     let mut calls = drive(&served, &locally_refused()).await;
-    for (name, response) in scenarios() {
+    for (round, (name, response)) in scenarios().into_iter().enumerate() {
         upstream.reset().await;
         Mock::given(method("POST"))
             .respond_with(response)
             .named(name)
             .mount(&upstream)
             .await;
-        calls += drive(&served, &every_request()).await;
+        calls += drive(&served, &every_request(round)).await;
     }
 
     // And with nothing listening upstream at all.
@@ -313,9 +328,51 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         format!("http://{}", listener.local_addr().unwrap())
     };
     let mut refused = Served::start(&config(&closed), &[("RUST_LOG", "trace")]).await;
-    calls += drive(&refused, &every_request()).await;
+    calls += drive(&refused, &every_request(0)).await;
+
+    // The broker's Redis paths: entries sealed and read back, leases, renewal with the
+    // kept refresh token, rejection, revocation, then Redis gone.
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cache.key");
+    std::fs::write(&key_file, CACHE_KEY).unwrap();
+    let fleet_config = format!(
+        "[cache]\nbackend = \"redis\"\nkey_file = \"{}\"\nrefresh_ahead = \"2s\"\nmin_remaining = \"1s\"\n\
+         [cache.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+        key_file.display(),
+        redis.url()
+    );
+    upstream.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": ACCESS_TOKEN,
+            "token_type": "bearer",
+            "expires_in": 3,
+            "refresh_token": REFRESH_TOKEN_OUT,
+            "id_token": ID_TOKEN,
+        })))
+        .mount(&upstream)
+        .await;
+    let mut shared = Served::start(
+        &config_with(&upstream.uri(), &fleet_config),
+        &[("RUST_LOG", "trace")],
+    )
+    .await;
+    calls += drive(&shared, &every_request(100)).await;
+    // Past the renewal point: hits start renewals with the kept refresh token.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    calls += drive(&shared, &every_request(100)).await;
+    let stored = match redis.command(&["KEYS", "*:e"]).unwrap() {
+        testkit::Reply::Array(keys) => keys.len(),
+        other => panic!("KEYS answered {other:?}"),
+    };
+    assert!(stored > 0, "entries were written to redis");
+    drop(redis);
+    calls += drive(&shared, &every_request(101)).await;
+
     served.stop().await;
     refused.stop().await;
+    shared.stop().await;
 
     let finished = |served: &Served| {
         served
@@ -325,12 +382,25 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
             .count()
     };
     assert_eq!(
-        finished(&served) + finished(&refused),
+        finished(&served) + finished(&refused) + finished(&shared),
         calls,
         "one finish event per call"
     );
 
-    let logs = format!("{}\n{}", served.output(), refused.output());
+    let logs = format!(
+        "{}\n{}\n{}",
+        served.output(),
+        refused.output(),
+        shared.output()
+    );
+    assert!(
+        logs.contains("the cached token was rejected"),
+        "the rejection path ran"
+    );
+    assert!(
+        logs.contains("redis is unreachable"),
+        "the Redis-down path ran"
+    );
     assert!(
         logs.lines().count() > calls * 5,
         "TRACE logging was on ({} lines)",
