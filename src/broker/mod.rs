@@ -332,6 +332,9 @@ impl<F: Fetch> Broker<F> {
         (landed, led)
     }
 
+    /// The flight runs in its own task, so its result (a spent refresh token's successor
+    /// above all) is kept even when every caller that waited for it has gone. Its upstream
+    /// call is bounded by its leader's deadline, as every upstream call is (contract §6).
     fn start_flight(
         &self,
         id: Digest,
@@ -503,7 +506,8 @@ impl<F: Fetch> Inner<F> {
     ) -> Landed {
         let mut lease = None;
         if let Some(fleet) = self.fleet() {
-            let until = deadline.unwrap_or_else(|| Instant::now() + self.lease_ttl);
+            // Past this, a lease holder that has not written is gone: call ourselves.
+            let until = Instant::now() + self.lease_ttl;
             loop {
                 match fleet.lease(&id, self.lease_ttl).await {
                     Ok(Some(held)) => {
@@ -524,7 +528,8 @@ impl<F: Fetch> Inner<F> {
                             return served(&entry, treatment, self.clock.now(), true);
                         }
                         if Instant::now() >= until {
-                            return Err(Failure::DeadlineExceeded);
+                            // Held longer than any call can take: its holder is stuck.
+                            break;
                         }
                     }
                     // Redis is down: this replica goes on alone.

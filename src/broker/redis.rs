@@ -604,9 +604,10 @@ impl Factory {
         };
         let client = |info: ConnectionInfo| -> Result<Client, String> {
             let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-            match (&ca, tls) {
-                (Some(ca), true) => Client::build_with_tls(info, certificates(ca)),
-                _ => Client::open(info),
+            if tls {
+                Client::build_with_tls(info, certificates(ca.as_deref()))
+            } else {
+                Client::open(info)
             }
             .map_err(|e| format!("cache.redis.url: {e}"))
         };
@@ -627,8 +628,8 @@ impl Factory {
         if let Some(password) = &password {
             builder = builder.password(password);
         }
-        if let (Some(ca), true) = (&ca, tls) {
-            builder = builder.certs(certificates(ca));
+        if tls {
+            builder = builder.certs(certificates(ca.as_deref()));
         }
         let cluster = builder
             .build()
@@ -663,12 +664,15 @@ impl Factory {
     }
 }
 
-/// `ca_file` as the crate takes it. The crate's `root_cert` replaces the trust store, so the
-/// built-in webpki roots are appended: the configured CA adds to them (contract §3).
-fn certificates(ca: &[u8]) -> TlsCertificates {
-    let mut pem = ca.to_vec();
-    pem.push(b'\n');
-    pem.extend_from_slice(webpki_roots_pem().as_bytes());
+/// The trust roots for `rediss://`: the built-in webpki roots, as for the upstream, plus
+/// `ca_file` when set. Given explicitly because the crate would otherwise read the system's
+/// store, which differs per image (and the crate's `root_cert` replaces, never adds).
+fn certificates(ca: Option<&[u8]>) -> TlsCertificates {
+    let mut pem = webpki_roots_pem().into_bytes();
+    if let Some(ca) = ca {
+        pem.push(b'\n');
+        pem.extend_from_slice(ca);
+    }
     TlsCertificates {
         client_tls: None,
         root_cert: Some(pem),
@@ -1137,7 +1141,7 @@ mod tests {
     #[test]
     fn a_configured_ca_is_added_to_the_webpki_roots() {
         let ca = rcgen::generate_simple_self_signed(vec!["redis.test".into()]).unwrap();
-        let certs = certificates(ca.cert.pem().as_bytes());
+        let certs = certificates(Some(ca.cert.pem().as_bytes()));
         let pem = certs.root_cert.unwrap();
         let mut store = tokio_rustls::rustls::RootCertStore::empty();
         use rustls_pki_types::pem::PemObject as _;
@@ -1147,6 +1151,12 @@ mod tests {
         assert_eq!(
             parsed.len(),
             webpki_root_certs::TLS_SERVER_ROOT_CERTS.len() + 1
+        );
+        assert_eq!(parsed.last(), Some(ca.cert.der()));
+        let builtin = certificates(None).root_cert.unwrap();
+        assert_eq!(
+            rustls_pki_types::CertificateDer::pem_slice_iter(&builtin).count(),
+            webpki_root_certs::TLS_SERVER_ROOT_CERTS.len()
         );
         for cert in parsed {
             store

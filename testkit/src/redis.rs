@@ -59,6 +59,25 @@ impl RedisServer {
         Self::launch(Some(password.to_owned()), Vec::new)
     }
 
+    /// Like [`RedisServer::start`], also serving TLS on [`RedisServer::tls_url`] with this
+    /// certificate and key (PEM files). Clients are not asked for certificates. The plain port
+    /// stays open, for readiness checks and [`RedisServer::command`].
+    pub fn start_tls(cert_file: &Path, key_file: &Path) -> Self {
+        let (cert, key) = (cert_file.to_owned(), key_file.to_owned());
+        Self::launch(None, move || {
+            vec![
+                "--tls-port".into(),
+                free_port().to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]
+        })
+    }
+
     /// Picks a free port and starts there; a port taken between the pick and the bind (another
     /// test) is retried on a new port.
     fn launch(password: Option<String>, extra: impl Fn() -> Vec<String>) -> Self {
@@ -88,6 +107,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>/0` (no password in it: tests pass that separately).
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>/0`, for a node started with [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}/0", self.arg("--tls-port"))
     }
 
     pub fn port(&self) -> u16 {
@@ -145,13 +169,13 @@ impl RedisServer {
         command(self.port, self.password.as_deref(), args)
     }
 
-    /// The cluster bus port given with `--cluster-port`.
-    fn bus_port(&self) -> &str {
+    /// The value given to one of the extra arguments (`--cluster-port`, `--tls-port`).
+    fn arg(&self, name: &str) -> &str {
         self.extra
             .iter()
-            .position(|a| a == "--cluster-port")
+            .position(|a| a == name)
             .and_then(|i| self.extra.get(i + 1))
-            .expect("a cluster node has a bus port")
+            .unwrap_or_else(|| panic!("this node was not started with {name}"))
     }
 
     fn log_path(&self) -> PathBuf {
@@ -269,7 +293,7 @@ impl RedisCluster {
                 "MEET",
                 "127.0.0.1",
                 &node.port().to_string(),
-                node.bus_port(),
+                node.arg("--cluster-port"),
             ]));
         }
         let cluster = Self { nodes };
