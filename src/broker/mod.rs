@@ -471,7 +471,13 @@ impl<F: Fetch> Inner<F> {
             .ok()
             .and_then(|plain| Entry::decode(version, &plain));
         if entry.is_none() {
-            tracing::warn!(id = ?id, "a value in redis does not open under the cache key; treated as a miss");
+            tracing::warn!(
+                id = ?id,
+                "a value in redis does not open under the cache key; dropped and treated as a miss"
+            );
+            // Left in place, its version would refuse every write of a good entry until it
+            // expired.
+            let _ = fleet.delete(id).await;
         }
         entry.map(Arc::new)
     }
