@@ -38,6 +38,22 @@ pub enum GrantKind {
 }
 
 impl GrantKind {
+    /// Every arm, in proto order.
+    pub const ALL: [Self; 12] = [
+        Self::AuthorizationCode,
+        Self::Password,
+        Self::JwtBearer,
+        Self::PartnerJwt,
+        Self::RefreshToken,
+        Self::IvrPin,
+        Self::DeviceCode,
+        Self::ClientCredentials,
+        Self::Otp,
+        Self::Guest,
+        Self::PersonalJwt,
+        Self::DeviceCertificate,
+    ];
+
     /// The arm name, as used in config and in error metadata.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -196,20 +196,7 @@ pub fn freshness(keep: &Keep, now: SystemTime) -> Freshness {
 mod tests {
     use super::*;
 
-    const ALL: [GrantKind; 12] = [
-        GrantKind::AuthorizationCode,
-        GrantKind::Password,
-        GrantKind::JwtBearer,
-        GrantKind::PartnerJwt,
-        GrantKind::RefreshToken,
-        GrantKind::IvrPin,
-        GrantKind::DeviceCode,
-        GrantKind::ClientCredentials,
-        GrantKind::Otp,
-        GrantKind::Guest,
-        GrantKind::PersonalJwt,
-        GrantKind::DeviceCertificate,
-    ];
+    const ALL: [GrantKind; 12] = GrantKind::ALL;
 
     fn policy() -> Policy {
         Policy::from(&CacheConfig::default())

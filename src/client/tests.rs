@@ -22,20 +22,7 @@ const TOKEN_URL: &str = "https://platform.example/restapi/oauth/token";
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-const ALL_GRANTS: [GrantKind; 12] = [
-    GrantKind::AuthorizationCode,
-    GrantKind::Password,
-    GrantKind::JwtBearer,
-    GrantKind::PartnerJwt,
-    GrantKind::RefreshToken,
-    GrantKind::IvrPin,
-    GrantKind::DeviceCode,
-    GrantKind::ClientCredentials,
-    GrantKind::Otp,
-    GrantKind::Guest,
-    GrantKind::PersonalJwt,
-    GrantKind::DeviceCertificate,
-];
+const ALL_GRANTS: [GrantKind; 12] = GrantKind::ALL;
 
 /// The registry: one client per auth method, one with the method left at its default,
 /// and one restricted to two grants. `default` marks one of them as the default client.
