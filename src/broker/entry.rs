@@ -42,10 +42,17 @@ impl Entry {
         }
     }
 
+    /// The access token the entry holds, if it holds a token.
+    pub fn access_token(&self) -> Option<&str> {
+        match &self.settled {
+            Settled::Token(token) => token.access_token.as_ref().map(|a| a.expose_secret()),
+            Settled::Refused { .. } => None,
+        }
+    }
+
     /// Whether the entry's access token is `token`.
     pub fn holds_access_token(&self, token: &str) -> bool {
-        matches!(&self.settled, Settled::Token(t)
-            if t.access_token.as_ref().is_some_and(|a| a.expose_secret() == token))
+        self.access_token() == Some(token)
     }
 
     /// The JSON that is sealed for the store.

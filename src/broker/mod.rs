@@ -88,6 +88,16 @@ pub struct Ask {
     pub deadline: Option<Instant>,
 }
 
+/// How waiting for another replica's call ended.
+enum Awaited {
+    /// Its result, now in Redis.
+    Entry(Arc<Entry>),
+    /// The lease is free (its holder released it or it expired) with no result.
+    Free,
+    /// Redis stopped answering, or one holder kept the lease past any call's length.
+    Stuck,
+}
+
 /// What a flight delivers to the calls that share it.
 type Landed = Result<(Token, Source), Failure>;
 
@@ -254,20 +264,32 @@ impl<F: Fetch> Broker<F> {
         let request = Arc::new(ask.request);
         for _ in 0..MAX_ROUNDS {
             let mut previous = inner.lookup(&id).await;
-            if let Some(entry) = previous.clone() {
+            if let Some(mut entry) = previous.clone() {
                 let rejected = request
                     .rejected_access_token
                     .as_ref()
                     .is_some_and(|t| entry.holds_access_token(t.expose_secret()));
+                let mut answers = true;
                 if rejected {
                     tracing::info!(id = ?id, "the cached token was rejected; fetching a new one");
-                    inner.drop_entry(&id, &entry).await;
-                    // Its refresh token may still renew it, into a store that no longer has it.
-                    previous = Some(Arc::new(Entry {
-                        version: 0,
-                        ..Entry::clone(&entry)
-                    }));
-                } else {
+                    match inner.drop_rejected(&id, &entry).await {
+                        // Another replica replaced it already: that one answers.
+                        Some(newer) => {
+                            entry = newer.clone();
+                            previous = Some(newer);
+                        }
+                        None => {
+                            answers = false;
+                            // Its refresh token may still renew it, into a store that no
+                            // longer has it.
+                            previous = Some(Arc::new(Entry {
+                                version: 0,
+                                ..Entry::clone(&entry)
+                            }));
+                        }
+                    }
+                }
+                if answers {
                     let now = inner.clock.now();
                     match freshness(&entry.keep, now) {
                         Freshness::Fresh => return served(&entry, treatment, now, false),
@@ -489,15 +511,19 @@ impl<F: Fetch> Inner<F> {
         self.local.insert(*id, entry);
     }
 
-    /// Drops a rejected entry here and, if Redis still holds that same entry, there.
-    async fn drop_entry(&self, id: &Digest, entry: &Entry) {
+    /// Drops a rejected entry here and, if Redis still holds that token, there. Returns the
+    /// entry Redis holds instead when another replica has replaced it already (the notice
+    /// that would have told us may still be on its way).
+    async fn drop_rejected(&self, id: &Digest, rejected: &Entry) -> Option<Arc<Entry>> {
         self.local.invalidate(id);
-        if let Some(fleet) = self.fleet()
-            && let Some(shared) = self.fleet_entry(fleet, id).await
-            && shared.version == entry.version
-        {
+        let fleet = self.fleet()?;
+        let shared = self.fleet_entry(fleet, id).await?;
+        if shared.holds_access_token(rejected.access_token()?) {
             let _ = fleet.delete(id).await;
+            return None;
         }
+        self.keep_locally(id, shared.clone());
+        Some(shared)
     }
 
     /// The flight's work: take the fleet's lease (or wait for its holder's result), call
@@ -512,8 +538,6 @@ impl<F: Fetch> Inner<F> {
     ) -> Landed {
         let mut lease = None;
         if let Some(fleet) = self.fleet() {
-            // Past this, a lease holder that has not written is gone: call ourselves.
-            let until = Instant::now() + self.lease_ttl;
             loop {
                 match fleet.lease(&id, self.lease_ttl).await {
                     Ok(Some(held)) => {
@@ -528,16 +552,16 @@ impl<F: Fetch> Inner<F> {
                         lease = Some(held);
                         break;
                     }
-                    Ok(None) => {
-                        if let Some(entry) = self.await_fleet(fleet, &id, until).await {
+                    Ok(None) => match self.await_fleet(fleet, &id).await {
+                        Awaited::Entry(entry) => {
                             self.keep_locally(&id, entry.clone());
                             return served(&entry, treatment, self.clock.now(), true);
                         }
-                        if Instant::now() >= until {
-                            // Held longer than any call can take: its holder is stuck.
-                            break;
-                        }
-                    }
+                        Awaited::Free => {}
+                        // Redis stopped answering, or one holder kept the lease longer than
+                        // any call can take: call without it.
+                        Awaited::Stuck => break,
+                    },
                     // Redis is down: this replica goes on alone.
                     Err(_) => break,
                 }
@@ -595,26 +619,33 @@ impl<F: Fetch> Inner<F> {
         })
     }
 
-    /// Waits for the lease holder's result: `None` once the lease is gone without one (or
-    /// Redis is down, or `until` passes).
-    async fn await_fleet(
-        &self,
-        fleet: &RedisStore,
-        id: &Digest,
-        until: Instant,
-    ) -> Option<Arc<Entry>> {
-        while Instant::now() < until {
+    /// Waits for the lease holder's result. Each holder gets `lease_ttl` from when this
+    /// replica first sees it: a new holder (the last one's lease expired) starts the wait
+    /// again, so waiters follow the lease instead of all calling when the first one lapses.
+    async fn await_fleet(&self, fleet: &RedisStore, id: &Digest) -> Awaited {
+        let mut holder: Option<(String, Instant)> = None;
+        loop {
             if let Some(entry) = self.fleet_entry(fleet, id).await
                 && freshness(&entry.keep, self.clock.now()) != Freshness::Spent
             {
-                return Some(entry);
+                return Awaited::Entry(entry);
             }
-            match fleet.leased(id).await {
-                Ok(true) => tokio::time::sleep(FLEET_POLL).await,
-                Ok(false) | Err(_) => return None,
+            match fleet.lease_holder(id).await {
+                Ok(Some(now_holding)) => {
+                    let since = match &holder {
+                        Some((seen, since)) if *seen == now_holding => *since,
+                        _ => Instant::now(),
+                    };
+                    if since.elapsed() >= self.lease_ttl {
+                        return Awaited::Stuck;
+                    }
+                    holder = Some((now_holding, since));
+                    tokio::time::sleep(FLEET_POLL).await;
+                }
+                Ok(None) => return Awaited::Free,
+                Err(_) => return Awaited::Stuck,
             }
         }
-        None
     }
 
     /// A new token: renewed with the refresh token kept from the last one when there is

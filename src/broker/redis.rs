@@ -286,6 +286,14 @@ impl RedisStore {
         Ok(n > 0)
     }
 
+    /// Who holds the lease on `id` now (its random owner token), if anyone: a waiter can
+    /// tell a holder that is stuck from a new holder that just took over.
+    pub async fn lease_holder(&self, id: &Digest) -> Result<Option<String>, Down> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.inner.names.lease(id));
+        self.inner.query(cmd).await
+    }
+
     /// Publishes an invalidation to every replica (including this one).
     pub async fn invalidate(&self, id: &Digest) -> Result<(), Down> {
         let cmd = self.inner.publish_cmd(&encode_invalidate(id));
