@@ -1,8 +1,18 @@
 //! Shared test support for tokengate's integration tests: real servers started by the test
 //! itself, so the tests exercise the real protocol instead of a mock's idea of it.
+//!
+//! - [`RedisServer`], [`RedisCluster`]: Debian's `redis-server`.
+//! - [`Tokengate`]: the real binary, with its config, its logs and signals.
+//! - [`CountingUpstream`]: a slow local token endpoint that counts what it receives.
+//! - [`wait::until`]: bounded polling.
 
 #![forbid(unsafe_code)]
 
 mod redis;
+mod tokengate;
+mod upstream;
+pub mod wait;
 
 pub use redis::{RedisCluster, RedisServer, Reply};
+pub use tokengate::{Launch, Tokengate, level, message};
+pub use upstream::{Answer, CountingUpstream, JWT_BEARER, Post, REVOKE_PATH, TOKEN_PATH};
