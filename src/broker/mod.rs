@@ -88,6 +88,15 @@ pub struct Ask {
     pub deadline: Option<Instant>,
 }
 
+/// What is kept for a request, as far as answering it goes.
+enum Kept {
+    /// An entry that answers now; `renew` when it is inside `refresh_ahead`.
+    Answers { entry: Arc<Entry>, renew: bool },
+    /// Nothing that answers. The entry a new result replaces, if any: its refresh token,
+    /// its version and its polling interval still count.
+    Replaces(Option<Arc<Entry>>),
+}
+
 /// How waiting for another replica's call ended.
 enum Awaited {
     /// Its result, now in Redis.
@@ -263,44 +272,15 @@ impl<F: Fetch> Broker<F> {
         );
         let request = Arc::new(ask.request);
         for _ in 0..MAX_ROUNDS {
-            let mut previous = inner.lookup(&id).await;
-            if let Some(mut entry) = previous.clone() {
-                let rejected = request
-                    .rejected_access_token
-                    .as_ref()
-                    .is_some_and(|t| entry.holds_access_token(t.expose_secret()));
-                let mut answers = true;
-                if rejected {
-                    tracing::info!(id = ?id, "the cached token was rejected; fetching a new one");
-                    match inner.drop_rejected(&id, &entry).await {
-                        // Another replica replaced it already: that one answers.
-                        Some(newer) => {
-                            entry = newer.clone();
-                            previous = Some(newer);
-                        }
-                        None => {
-                            answers = false;
-                            // Its refresh token may still renew it, into a store that no
-                            // longer has it.
-                            previous = Some(Arc::new(Entry {
-                                version: 0,
-                                ..Entry::clone(&entry)
-                            }));
-                        }
+            let previous = match inner.kept(&id, &request).await {
+                Kept::Answers { entry, renew } => {
+                    if renew {
+                        self.renew(id, request.clone(), entry.clone(), treatment);
                     }
+                    return served(&entry, treatment, inner.clock.now(), false);
                 }
-                if answers {
-                    let now = inner.clock.now();
-                    match freshness(&entry.keep, now) {
-                        Freshness::Fresh => return served(&entry, treatment, now, false),
-                        Freshness::Renew => {
-                            self.renew(id, request.clone(), entry.clone(), treatment);
-                            return served(&entry, treatment, now, false);
-                        }
-                        Freshness::Spent => {}
-                    }
-                }
-            }
+                Kept::Replaces(previous) => previous,
+            };
             let (landed, led) = self
                 .fly(id, request.clone(), treatment, previous, ask.deadline)
                 .await;
@@ -457,6 +437,39 @@ fn served(entry: &Entry, treatment: Treatment, now: SystemTime, coalesced: bool)
 }
 
 impl<F: Fetch> Inner<F> {
+    /// Whether what is kept for `id` answers `request` now, after a reported rejection.
+    async fn kept(&self, id: &Digest, request: &TokenRequest) -> Kept {
+        let Some(mut entry) = self.lookup(id).await else {
+            return Kept::Replaces(None);
+        };
+        let rejected = request
+            .rejected_access_token
+            .as_ref()
+            .is_some_and(|t| entry.holds_access_token(t.expose_secret()));
+        if rejected {
+            tracing::info!(id = ?id, "the cached token was rejected; fetching a new one");
+            match self.drop_rejected(id, &entry).await {
+                // Another replica replaced it already: that one answers.
+                Some(newer) => entry = newer,
+                // Its refresh token may still renew it, into a store that no longer has it.
+                None => {
+                    return Kept::Replaces(Some(Arc::new(Entry {
+                        version: 0,
+                        ..Entry::clone(&entry)
+                    })));
+                }
+            }
+        }
+        match freshness(&entry.keep, self.clock.now()) {
+            Freshness::Fresh => Kept::Answers {
+                entry,
+                renew: false,
+            },
+            Freshness::Renew => Kept::Answers { entry, renew: true },
+            Freshness::Spent => Kept::Replaces(Some(entry)),
+        }
+    }
+
     /// The Redis store while it answers. While it is down every call skips it at once
     /// instead of waiting out `cache.redis.timeout` per command; its health check notices
     /// when it is back.
