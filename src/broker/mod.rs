@@ -107,6 +107,16 @@ enum Awaited {
     Stuck,
 }
 
+/// How one call's wait for a flight ended.
+enum Flown {
+    /// The flight's result; `led` when this call started it.
+    Landed { landed: Landed, led: bool },
+    /// The call's own deadline passed first.
+    TimedOut,
+    /// The flight ended with no result (its task was cancelled).
+    Vanished,
+}
+
 /// What a flight delivers to the calls that share it.
 type Landed = Result<(Token, Source), Failure>;
 
@@ -281,20 +291,25 @@ impl<F: Fetch> Broker<F> {
                 }
                 Kept::Replaces(previous) => previous,
             };
-            let (landed, led) = self
+            let flown = self
                 .fly(id, request.clone(), treatment, previous, ask.deadline)
                 .await;
-            match landed {
-                Some(Ok((token, source))) => {
-                    return Ok((token, if led { source } else { Source::Coalesced }));
-                }
+            match flown {
+                Flown::Landed {
+                    landed: Ok((token, source)),
+                    led,
+                } => return Ok((token, if led { source } else { Source::Coalesced })),
                 // The leader's own deadline, not ours: start over while time is left.
-                Some(Err(Failure::DeadlineExceeded)) if !led => {}
-                Some(Err(failure)) => return Err(failure),
-                None if ask.deadline.is_some_and(|d| Instant::now() >= d) => {
-                    return Err(Failure::DeadlineExceeded);
+                Flown::Landed {
+                    landed: Err(Failure::DeadlineExceeded),
+                    led: false,
                 }
-                None => {}
+                | Flown::Vanished => {}
+                Flown::Landed {
+                    landed: Err(failure),
+                    ..
+                } => return Err(failure),
+                Flown::TimedOut => return Err(Failure::DeadlineExceeded),
             }
         }
         Err(Failure::DeadlineExceeded)
@@ -312,8 +327,7 @@ impl<F: Fetch> Broker<F> {
         drop(self.start_flight(id, request, treatment, Some(entry), None));
     }
 
-    /// Joins the call in flight for `id`, or starts it. Returns what it delivered (`None`
-    /// when our deadline passed first or the call vanished) and whether we started it.
+    /// Joins the call in flight for `id`, or starts it, and waits for it within `deadline`.
     async fn fly(
         &self,
         id: Digest,
@@ -321,17 +335,20 @@ impl<F: Fetch> Broker<F> {
         treatment: Treatment,
         previous: Option<Arc<Entry>>,
         deadline: Option<Instant>,
-    ) -> (Option<Landed>, bool) {
+    ) -> Flown {
         let (mut receiver, led) = self.start_flight(id, request, treatment, previous, deadline);
         let wait = receiver.wait_for(Option::is_some);
         let landed = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, wait).await {
-                Ok(result) => result.ok().and_then(|v| v.clone()),
-                Err(_) => return (Some(Err(Failure::DeadlineExceeded)), true),
+                Ok(landed) => landed,
+                Err(_) => return Flown::TimedOut,
             },
-            None => wait.await.ok().and_then(|v| v.clone()),
+            None => wait.await,
         };
-        (landed, led)
+        match landed.ok().and_then(|landed| landed.clone()) {
+            Some(landed) => Flown::Landed { landed, led },
+            None => Flown::Vanished,
+        }
     }
 
     /// The flight runs in its own task, so its result (a spent refresh token's successor
@@ -359,8 +376,6 @@ impl<F: Fetch> Broker<F> {
         flights.insert(id, receiver.clone());
         drop(flights);
         let inner = self.inner.clone();
-        // Its own task: a result (a spent refresh token's successor above all) is kept even
-        // when every caller that waited for it has gone.
         tokio::spawn(
             async move {
                 let landed = inner
