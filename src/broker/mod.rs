@@ -110,7 +110,7 @@ enum Awaited {
 /// How one call's wait for a flight ended.
 enum Flown {
     /// The flight's result; `led` when this call started it.
-    Landed { landed: Landed, led: bool },
+    Landed { landed: Box<Landed>, led: bool },
     /// The call's own deadline passed first.
     TimedOut,
     /// The flight ended with no result (its task was cancelled).
@@ -295,20 +295,15 @@ impl<F: Fetch> Broker<F> {
                 .fly(id, request.clone(), treatment, previous, ask.deadline)
                 .await;
             match flown {
-                Flown::Landed {
-                    landed: Ok((token, source)),
-                    led,
-                } => return Ok((token, if led { source } else { Source::Coalesced })),
-                // The leader's own deadline, not ours: start over while time is left.
-                Flown::Landed {
-                    landed: Err(Failure::DeadlineExceeded),
-                    led: false,
-                }
-                | Flown::Vanished => {}
-                Flown::Landed {
-                    landed: Err(failure),
-                    ..
-                } => return Err(failure),
+                Flown::Landed { landed, led } => match *landed {
+                    Ok((token, source)) => {
+                        return Ok((token, if led { source } else { Source::Coalesced }));
+                    }
+                    // The leader's own deadline, not ours: start over while time is left.
+                    Err(Failure::DeadlineExceeded) if !led => {}
+                    Err(failure) => return Err(failure),
+                },
+                Flown::Vanished => {}
                 Flown::TimedOut => return Err(Failure::DeadlineExceeded),
             }
         }
@@ -346,7 +341,10 @@ impl<F: Fetch> Broker<F> {
             None => wait.await,
         };
         match landed.ok().and_then(|landed| landed.clone()) {
-            Some(landed) => Flown::Landed { landed, led },
+            Some(landed) => Flown::Landed {
+                landed: Box::new(landed),
+                led,
+            },
             None => Flown::Vanished,
         }
     }

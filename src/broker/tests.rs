@@ -489,3 +489,79 @@ async fn different_requests_never_share_an_answer() {
     broker.token(other_client).await.unwrap();
     assert_eq!(fake.calls(), 3);
 }
+
+/// A grant of each kind, with its required fields set.
+fn grant_of(kind: GrantKind) -> Grant {
+    let secret = || SecretString::from("s3cr3t");
+    match kind {
+        GrantKind::AuthorizationCode => Grant::AuthorizationCode {
+            code: secret(),
+            redirect_uri: None,
+            code_verifier: None,
+        },
+        GrantKind::Password => Grant::Password {
+            username: "alice".into(),
+            password: secret(),
+            extension: None,
+            pin: None,
+        },
+        GrantKind::JwtBearer => Grant::JwtBearer {
+            assertion: secret(),
+        },
+        GrantKind::PartnerJwt => Grant::PartnerJwt {
+            assertion: secret(),
+        },
+        GrantKind::RefreshToken => Grant::RefreshToken {
+            refresh_token: secret(),
+        },
+        GrantKind::IvrPin => Grant::IvrPin { ivr_pin: secret() },
+        GrantKind::DeviceCode => Grant::DeviceCode {
+            device_code: secret(),
+        },
+        GrantKind::ClientCredentials => Grant::ClientCredentials { subject: None },
+        GrantKind::Otp => Grant::Otp { code: secret() },
+        GrantKind::Guest => Grant::Guest {
+            brand_id: None,
+            resource_type: None,
+            resource: None,
+        },
+        GrantKind::PersonalJwt => Grant::PersonalJwt { assertion: None },
+        GrantKind::DeviceCertificate => Grant::DeviceCertificate,
+    }
+}
+
+#[tokio::test]
+async fn only_the_cached_grants_are_ever_served_from_the_cache() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+    } = setup();
+    let cached = CacheConfig::default().grants;
+    let mut sent = 0;
+    for kind in GrantKind::ALL {
+        let call = || broker.token(ask(request(grant_of(kind))));
+        assert_eq!(call().await.unwrap().1, Source::Upstream, "{kind}");
+        sent += 1;
+        let kept = if cached.contains(&kind) {
+            Source::Cache
+        } else {
+            Source::Replayed
+        };
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(1));
+            assert_eq!(call().await.unwrap().1, kept, "{kind}");
+        }
+        assert_eq!(fake.calls(), sent, "{kind} reached the upstream once");
+        // Past the replay window a one-time grant goes upstream again; a cached one does not.
+        clock.advance(Duration::from_secs(30));
+        let later = call().await.unwrap().1;
+        if cached.contains(&kind) {
+            assert_eq!(later, Source::Cache, "{kind}");
+        } else {
+            assert_eq!(later, Source::Upstream, "{kind}");
+            sent += 1;
+        }
+        assert_eq!(fake.calls(), sent, "{kind}");
+    }
+}
