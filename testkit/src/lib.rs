@@ -2,17 +2,21 @@
 //! itself, so the tests exercise the real protocol instead of a mock's idea of it.
 //!
 //! - [`RedisServer`], [`RedisCluster`]: Debian's `redis-server`.
-//! - [`Tokengate`]: the real binary, with its config, its logs and signals.
+//! - [`Tokengate`]: the real binary, with its config, its logs and signals;
+//!   [`run_binary`]: one command of it, to completion.
 //! - [`CountingUpstream`]: a slow local token endpoint that counts what it receives.
+//! - [`FaultyUpstream`]: a token endpoint that misbehaves on command ([`Mode`]).
 //! - [`wait::until`]: bounded polling.
 
 #![forbid(unsafe_code)]
 
+mod faulty;
 mod redis;
 mod tokengate;
 mod upstream;
 pub mod wait;
 
+pub use faulty::{FaultyUpstream, Mode};
 pub use redis::{RedisCluster, RedisServer, Reply};
-pub use tokengate::{Launch, Tokengate, level, message};
+pub use tokengate::{Launch, Tokengate, level, message, run_binary};
 pub use upstream::{Answer, CountingUpstream, JWT_BEARER, Post, REVOKE_PATH, TOKEN_PATH};

@@ -1,15 +1,21 @@
-//! The real `tokengate` binary, run by the test: [`Tokengate`].
+//! The real `tokengate` binary, run by the test: [`Tokengate`] (a server) and
+//! [`run_binary`] (one command to completion).
 //!
 //! The test passes the binary's path (`env!("CARGO_BIN_EXE_tokengate")`, which only an
 //! integration test of the root package knows) and a TOML config. The config is written to
-//! a temp dir of the process's own, the binary runs `serve --config FILE --log-format json`,
-//! and readiness is its `listening` log line, which also names the bound address (so
-//! `server.listen = "127.0.0.1:0"` works): never a fixed sleep. Both output streams are read
-//! by threads of their own from the start, so the process never blocks on a full pipe and
-//! every line is kept for the test (and printed if the test panics).
+//! a temp dir of the process's own, the binary runs `serve --config FILE --log-format json`
+//! (or the arguments of [`Tokengate::launch_args`]), and readiness is its `listening` log
+//! line, which also names the bound address (so `server.listen = "127.0.0.1:0"` works):
+//! never a fixed sleep. Both output streams are read by threads of their own from the
+//! start, so the process never blocks on a full pipe and every line is kept for the test
+//! (and printed if the test panics).
+//!
+//! The caller's `RUST_LOG` and `TOKENGATE_*` variables never reach the binary: what the
+//! test does not set, the binary does not see.
 //!
 //! Signals go through the `kill` command: no unsafe code, no extra crate.
 
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -25,15 +31,20 @@ use tokio::time::Instant;
 const READY_WITHIN: Duration = Duration::from_secs(30);
 /// How long a process may take to exit after SIGTERM (the drain included) or SIGKILL.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
+/// How long [`Tokengate::wait_for`] waits for a log event.
+const EVENT_WITHIN: Duration = Duration::from_secs(30);
 /// How often an exit is polled.
 const POLL: Duration = Duration::from_millis(10);
 /// Lines of each stream printed when a test panics with the process alive.
 const TAIL: usize = 200;
 
-/// How to start one process; see [`Tokengate::launch`].
+/// How to start one process; see [`Tokengate::launch`] and [`Tokengate::launch_args`].
 pub struct Launch {
     binary: PathBuf,
-    config: String,
+    /// The config for `serve --config FILE --log-format json`, or none: see `args`.
+    config: Option<String>,
+    /// The command line when there is no config ([`Tokengate::launch_args`]).
+    args: Vec<OsString>,
     name: String,
     env: Vec<(String, String)>,
 }
@@ -57,30 +68,31 @@ impl Launch {
         self.env("RUST_LOG", filter)
     }
 
-    /// Starts the process and returns once it logged `listening`; panics (with its output)
-    /// if it exits first or takes longer than 30 s.
+    /// Starts the process (in its temp dir) and returns once it logged `listening`;
+    /// panics (with its output) if it exits first or takes longer than 30 s.
     pub async fn start(self) -> Tokengate {
         let dir = tempfile::Builder::new()
             .prefix("testkit-tokengate-")
             .tempdir()
             .expect("a temp dir for tokengate's config");
-        let config = dir.path().join("tokengate.toml");
-        std::fs::write(&config, &self.config).expect("write tokengate's config");
         let mut command = Command::new(&self.binary);
+        if let Some(text) = &self.config {
+            let config = dir.path().join("tokengate.toml");
+            std::fs::write(&config, text).expect("write tokengate's config");
+            command
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .args(["--log-format", "json"]);
+        } else {
+            command.args(&self.args);
+        }
         command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--log-format", "json"])
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for (key, _) in std::env::vars_os() {
-            if key == "RUST_LOG" || key.to_string_lossy().starts_with("TOKENGATE_") {
-                command.env_remove(key);
-            }
-        }
+        scrub_env(&mut command);
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .spawn()
@@ -162,7 +174,26 @@ impl Tokengate {
     pub fn launch(binary: impl AsRef<Path>, config: impl Into<String>) -> Launch {
         Launch {
             binary: binary.as_ref().to_owned(),
-            config: config.into(),
+            config: Some(config.into()),
+            args: Vec::new(),
+            name: "tokengate".into(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Prepares to run `binary` with exactly these arguments (e.g. `serve` with no config
+    /// file, the environment giving the rest); no config file is written. Readiness is still
+    /// the JSON `listening` line, so the arguments or the environment
+    /// ([`Launch::env`]) must select JSON logs (`--log-format json`,
+    /// `TOKENGATE_LOG_FORMAT=json`).
+    pub fn launch_args<A: AsRef<OsStr>>(
+        binary: impl AsRef<Path>,
+        args: impl IntoIterator<Item = A>,
+    ) -> Launch {
+        Launch {
+            binary: binary.as_ref().to_owned(),
+            config: None,
+            args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
             name: "tokengate".into(),
             env: Vec::new(),
         }
@@ -191,7 +222,8 @@ impl Tokengate {
         self.pid
     }
 
-    /// The process's temp dir (its config is `tokengate.toml` there).
+    /// The process's temp dir and working directory (its config, if it was given one, is
+    /// `tokengate.toml` there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -240,9 +272,40 @@ impl Tokengate {
     /// and returns how it ended; panics if it does not exit within 30 s.
     pub async fn terminate(&mut self) -> ExitStatus {
         self.signal("TERM");
+        self.exit_status().await
+    }
+
+    /// Waits for the process to exit (after a signal the test sent, say) and for the end of
+    /// its output, and returns how it ended; panics (and kills it) if it has not exited
+    /// within 30 s.
+    pub async fn exit_status(&mut self) -> ExitStatus {
         let status = self.wait_exit().await;
         self.wait_closed().await;
         status
+    }
+
+    /// [`Tokengate::exit_status`] as an exit code; panics if a signal ended the process.
+    pub async fn exit_code(&mut self) -> i32 {
+        let status = self.exit_status().await;
+        status.code().unwrap_or_else(|| {
+            panic!(
+                "{} was ended by a signal ({status}), it did not exit; its output:\n{}",
+                self.name,
+                self.output()
+            )
+        })
+    }
+
+    /// Resident set size (`VmRSS` in `/proc/PID/status`), in KiB; panics if the process
+    /// is gone.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_else(|e| panic!("{}: read /proc/{}/status: {e}", self.name, self.pid));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no VmRSS in /proc/{}/status", self.name, self.pid))
     }
 
     /// [`Tokengate::terminate`], asserting a clean exit (code 0).
@@ -315,6 +378,11 @@ impl Tokengate {
                 );
             }
         }
+    }
+
+    /// [`Tokengate::wait_for_event`] with the default bound, 30 s.
+    pub async fn wait_for(&self, predicate: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_event(EVENT_WITHIN, predicate).await
     }
 
     /// Waits for an event whose `message` contains `text`.
@@ -422,6 +490,39 @@ impl Drop for Tokengate {
     }
 }
 
+/// Runs `binary` with `args` and `env` in `cwd` to completion (stdin empty) and returns
+/// (exit code, stdout, stderr); the exit code is -1 when a signal ended it. For the one-shot
+/// commands (`--version`, `check-config`, `health-check`, a `serve` that fails at start).
+pub fn run_binary(
+    binary: impl AsRef<Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    cwd: &Path,
+) -> (i32, String, String) {
+    let binary = binary.as_ref();
+    let mut command = Command::new(binary);
+    command.args(args).current_dir(cwd).stdin(Stdio::null());
+    scrub_env(&mut command);
+    command.envs(env.iter().copied());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Removes the caller's `RUST_LOG` and `TOKENGATE_*` variables from `command`.
+fn scrub_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key == "RUST_LOG" || key.to_string_lossy().starts_with("TOKENGATE_") {
+            command.env_remove(key);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -434,4 +535,62 @@ pub fn message(event: &Value) -> Option<&str> {
 /// The `level` of a JSON log event (`INFO`, `WARN`...).
 pub fn level(event: &Value) -> Option<&str> {
     event["level"].as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the binary: logs a JSON `listening` line, then one line naming its
+    /// working directory and `TESTKIT_GREETING`, and exits 7 on SIGTERM.
+    const FAKE_SERVER: &str = r#"trap 'exit 7' TERM
+echo '{"fields":{"message":"listening","addr":"127.0.0.1:4321"}}'
+echo "{\"fields\":{\"message\":\"hello\",\"cwd\":\"$(pwd)\",\"greeting\":\"$TESTKIT_GREETING\"}}"
+echo 'to stderr' >&2
+while :; do sleep 0.05; done"#;
+
+    #[tokio::test]
+    async fn launch_args_runs_the_command_line_given_and_reports_how_it_exited() {
+        let mut process = Tokengate::launch_args("sh", ["-c", FAKE_SERVER])
+            .name("fake")
+            .env("TESTKIT_GREETING", "hi")
+            .start()
+            .await;
+        assert_eq!(process.addr(), SocketAddr::from(([127, 0, 0, 1], 4321)));
+        assert_eq!(process.url(), "http://127.0.0.1:4321");
+        let hello = process.wait_for(|e| message(e) == Some("hello")).await;
+        assert_eq!(hello["fields"]["greeting"], "hi");
+        let cwd = std::fs::canonicalize(process.dir()).unwrap();
+        assert_eq!(hello["fields"]["cwd"], cwd.to_str().unwrap());
+        assert!(
+            !process.dir().join("tokengate.toml").exists(),
+            "no config file without a config"
+        );
+        assert!(process.is_running());
+        assert!(process.rss_kib() > 0);
+
+        process.signal("TERM");
+        assert_eq!(process.exit_code().await, 7);
+        assert!(!process.is_running());
+        assert_eq!(process.stderr(), ["to stderr"]);
+        assert_eq!(process.messages(), ["listening", "hello"]);
+    }
+
+    #[test]
+    fn run_binary_returns_the_exit_code_and_both_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, stdout, stderr) = run_binary(
+            "sh",
+            &[
+                "-c",
+                "printf '%s %s' \"$TESTKIT_GREETING\" \"$(pwd)\"; printf oops >&2; exit 3",
+            ],
+            &[("TESTKIT_GREETING", "hi")],
+            dir.path(),
+        );
+        assert_eq!(code, 3);
+        let cwd = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(stdout, format!("hi {}", cwd.display()));
+        assert_eq!(stderr, "oops");
+    }
 }

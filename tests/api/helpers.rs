@@ -27,10 +27,9 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
     }
 });
 
-/// The token endpoint path (the contract's default `token_path`).
-pub const TOKEN_PATH: &str = "/restapi/oauth/token";
-/// The revocation endpoint path (the contract's default `revoke_path`).
-pub const REVOKE_PATH: &str = "/restapi/oauth/revoke";
+/// The token and revocation endpoint paths (the contract's default `token_path` and
+/// `revoke_path`), shared with the other suites.
+pub use testkit::{REVOKE_PATH, TOKEN_PATH};
 
 /// `client_secret_basic`, the default client.
 pub const APP_A: &str = "app-a";

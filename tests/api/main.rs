@@ -3,9 +3,9 @@
 //!
 //! Every test starts its own server and upstream; nothing sleeps and hopes.
 
+mod broker;
 mod deadline;
 mod errors;
-mod broker;
 mod exchange;
 mod hardening;
 mod helpers;

@@ -1,7 +1,9 @@
 //! The command line: `--version`, `check-config`, `serve` with and without a file, env
 //! overrides, log formats and `health-check`.
 
-use crate::process::{Served, run, write};
+use testkit::Tokengate;
+
+use crate::process::{binary, run, write};
 
 #[test]
 fn version_names_the_crate_version() {
@@ -178,17 +180,12 @@ fn check_config_without_a_file_shows_the_defaults() {
 #[tokio::test]
 async fn serve_without_a_config_file_starts_and_health_check_passes() {
     // No --config: the defaults, with only the listen address moved to a free loopback port.
-    let dir = tempfile::tempdir().unwrap();
-    let mut served = Served::start_with(
-        &["serve"],
-        &[
-            ("TOKENGATE_SERVER__LISTEN", "127.0.0.1:0"),
-            ("TOKENGATE_LOG_FORMAT", "json"),
-        ],
-        dir,
-    )
-    .await;
-    let url = format!("http://{}", served.addr);
+    let mut served = Tokengate::launch_args(binary(), ["serve"])
+        .env("TOKENGATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("TOKENGATE_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let url = served.url();
     let cwd = std::env::temp_dir();
     let (code, stdout, stderr) = run(&["health-check", "--addr", &url], &[], &cwd);
     assert_eq!((code, stdout.trim()), (0, "SERVING"), "{stderr}");

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use testkit::{Tokengate, message};
 use tokengate::proto::{self, GetTokenRequest, get_token_request::Grant};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::process::{Served, message};
+use crate::process::{binary, client};
 
 const CLIENT_SECRET_BASIC: &str = "SECRET-client-basic-4Qx";
 const CLIENT_SECRET_POST: &str = "SECRET-client-post-8Zr";
@@ -288,8 +289,8 @@ fn all_secrets() -> Vec<String> {
     secrets
 }
 
-async fn drive(served: &Served, requests: &[GetTokenRequest]) -> usize {
-    let mut client = served.client().await;
+async fn drive(served: &Tokengate, requests: &[GetTokenRequest]) -> usize {
+    let mut client = client(served).await;
     let mut done = 0;
     for request in requests {
         let _ = client.get_token(request.clone()).await;
@@ -310,7 +311,10 @@ async fn drive(served: &Served, requests: &[GetTokenRequest]) -> usize {
 #[tokio::test]
 async fn no_secret_reaches_the_logs_at_trace_level() {
     let upstream = MockServer::start().await;
-    let mut served = Served::start(&config(&upstream.uri()), &[("RUST_LOG", "trace")]).await;
+    let mut served = Tokengate::launch(binary(), config(&upstream.uri()))
+        .rust_log("trace")
+        .start()
+        .await;
     let mut calls = drive(&served, &locally_refused()).await;
     for (round, (name, response)) in scenarios().into_iter().enumerate() {
         upstream.reset().await;
@@ -327,7 +331,10 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
-    let mut refused = Served::start(&config(&closed), &[("RUST_LOG", "trace")]).await;
+    let mut refused = Tokengate::launch(binary(), config(&closed))
+        .rust_log("trace")
+        .start()
+        .await;
     calls += drive(&refused, &every_request(0)).await;
 
     // The broker's Redis paths: entries sealed and read back, leases, renewal with the
@@ -353,11 +360,10 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         })))
         .mount(&upstream)
         .await;
-    let mut shared = Served::start(
-        &config_with(&upstream.uri(), &fleet_config),
-        &[("RUST_LOG", "trace")],
-    )
-    .await;
+    let mut shared = Tokengate::launch(binary(), config_with(&upstream.uri(), &fleet_config))
+        .rust_log("trace")
+        .start()
+        .await;
     calls += drive(&shared, &every_request(100)).await;
     // Past the renewal point: hits start renewals with the kept refresh token.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -374,7 +380,7 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     refused.stop().await;
     shared.stop().await;
 
-    let finished = |served: &Served| {
+    let finished = |served: &Tokengate| {
         served
             .events()
             .iter()
@@ -387,12 +393,10 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         "one finish event per call"
     );
 
-    let logs = format!(
-        "{}\n{}\n{}",
-        served.output(),
-        refused.output(),
-        shared.output()
-    );
+    // Both streams: logs go to stdout, and nothing may leak through stderr either.
+    let logs = [&served, &refused, &shared]
+        .map(|process| process.output())
+        .join("\n");
     assert!(
         logs.contains("the cached token was rejected"),
         "the rejection path ran"
@@ -431,8 +435,8 @@ async fn each_call_logs_one_span_with_grant_client_status_and_latency() {
         )
         .mount(&upstream)
         .await;
-    let served = Served::start(&config(&upstream.uri()), &[]).await;
-    let mut client = served.client().await;
+    let served = Tokengate::start(binary(), config(&upstream.uri())).await;
+    let mut client = client(&served).await;
     let request = GetTokenRequest {
         grant: Some(Grant::JwtBearer(proto::JwtBearerGrant {
             assertion: GRANT_SECRETS[4].into(),

@@ -1,8 +1,10 @@
 //! SIGTERM and SIGINT: health flips, the listener closes, in-flight calls drain.
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use testkit::{Tokengate, message};
 use tokengate::proto::{ClientCredentialsGrant, GetTokenRequest, get_token_request::Grant};
 use tokio::time::Instant;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -10,7 +12,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::process::{PATIENCE, Served, message};
+use crate::process::{binary, client};
+
+/// How long the polls below wait before the test fails.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 fn config(upstream: &MockServer, grace: &str) -> String {
     format!(
@@ -57,37 +62,33 @@ fn client_credentials() -> GetTokenRequest {
 
 /// Polls until the upstream has seen `n` requests.
 async fn upstream_received(upstream: &MockServer, n: usize) {
-    let deadline = Instant::now() + PATIENCE;
-    while upstream.received_requests().await.unwrap_or_default().len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never received the call"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    testkit::wait::until("the upstream to receive the call", PATIENCE, || async {
+        upstream.received_requests().await.unwrap_or_default().len() >= n
+    })
+    .await;
 }
 
 /// Polls until connecting to `addr` is refused.
-async fn connections_refused(addr: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match tokio::net::TcpStream::connect(addr).await {
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
-            _ => assert!(
-                Instant::now() < deadline,
-                "the listener still accepts after SIGTERM"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn connections_refused(addr: SocketAddr) {
+    testkit::wait::until(
+        "the listener to refuse connections after SIGTERM",
+        PATIENCE,
+        || async {
+            matches!(
+                tokio::net::TcpStream::connect(addr).await,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused
+            )
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_flight() {
     let upstream = slow_upstream(Duration::from_secs(2)).await;
-    let mut served = Served::start(&config(&upstream, "15s"), &[]).await;
+    let mut served = Tokengate::start(binary(), config(&upstream, "15s")).await;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", served.addr))
+    let channel = tonic::transport::Endpoint::from_shared(served.url())
         .unwrap()
         .connect()
         .await
@@ -103,7 +104,7 @@ async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_fli
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
 
-    let mut client = served.client().await;
+    let mut client = client(&served).await;
     let in_flight = tokio::spawn(async move { client.get_token(client_credentials()).await });
     upstream_received(&upstream, 1).await;
 
@@ -112,7 +113,7 @@ async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_fli
     assert_eq!(flipped.status(), ServingStatus::NotServing);
     drop(watch);
 
-    connections_refused(&served.addr).await;
+    connections_refused(served.addr()).await;
     assert!(
         !in_flight.is_finished(),
         "the slow call must still be in flight when new connections are refused"
@@ -134,8 +135,8 @@ async fn sigterm_flips_health_refuses_new_connections_and_drains_the_call_in_fli
 #[tokio::test]
 async fn grace_period_bounds_the_drain_and_the_log_says_it_was_incomplete() {
     let upstream = slow_upstream(Duration::from_secs(30)).await;
-    let mut served = Served::start(&config(&upstream, "300ms"), &[]).await;
-    let mut client = served.client().await;
+    let mut served = Tokengate::start(binary(), config(&upstream, "300ms")).await;
+    let mut client = client(&served).await;
     let in_flight = tokio::spawn(async move { client.get_token(client_credentials()).await });
     upstream_received(&upstream, 1).await;
 

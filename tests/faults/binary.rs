@@ -3,33 +3,72 @@
 
 use std::time::Duration;
 
+use testkit::{FaultyUpstream, Mode, Tokengate, message};
+use tokengate::proto::token_service_client::TokenServiceClient;
+use tonic::transport::Channel;
+
 use crate::cases::cases;
-use crate::harness::{Binary, REQUEST_TIMEOUT, call, config_toml};
+use crate::harness::{REQUEST_TIMEOUT, call, config_toml};
 use crate::leaks::{drive, mixed_faults};
-use crate::upstream::{FaultyUpstream, Mode};
 
 /// Largest RSS growth tolerated between the warm-up and the end of the 10,000 calls.
 const RSS_GROWTH_LIMIT_KIB: u64 = 16 * 1024;
 
+/// Runs `tokengate serve` with `config` and `RUST_BACKTRACE=1`, and waits for its
+/// `listening` line.
+async fn start_binary(config: &str) -> Tokengate {
+    Tokengate::launch(env!("CARGO_BIN_EXE_tokengate"), config)
+        .env("RUST_BACKTRACE", "1")
+        .start()
+        .await
+}
+
+async fn client(binary: &Tokengate) -> TokenServiceClient<Channel> {
+    TokenServiceClient::connect(binary.url()).await.unwrap()
+}
+
+/// SIGTERM, then asserts: exit 0, the final log line says `drained: true`, and nothing in
+/// stdout or stderr mentions a panic.
+async fn assert_clean_exit(mut binary: Tokengate) {
+    // Returns once the process exited and both pipes reached their end: every line is in.
+    let status = binary.terminate().await;
+    let output = binary.output();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit code after SIGTERM; output:\n{output}"
+    );
+    assert!(
+        output.contains("\"drained\":true") || output.contains("\"drained\":false"),
+        "no drain line; output:\n{output}"
+    );
+    assert!(
+        output.contains("\"drained\":true"),
+        "the drain was not complete; output:\n{output}"
+    );
+    assert!(
+        !output.contains("panicked"),
+        "tokengate panicked; output:\n{output}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_survives_every_fault_without_a_panic_and_drains_on_sigterm() {
     let upstream = FaultyUpstream::start(Mode::Healthy).await;
-    let binary = Binary::start(&config_toml(&upstream.url(), REQUEST_TIMEOUT)).await;
-    let mut client = binary.client().await;
+    let binary = start_binary(&config_toml(&upstream.url(), REQUEST_TIMEOUT)).await;
+    let mut client = client(&binary).await;
     for (i, case) in cases().into_iter().enumerate() {
         upstream.set(case.mode.clone()).await;
         let id = format!("bin-case-{i}");
         case.check(&call(&mut client, &id).await);
         // The failure is logged once, with the same reason and a detail for operators.
-        let (reason, detail) = binary
-            .wait_for(|line| {
-                let event: serde_json::Value = serde_json::from_str(line).ok()?;
-                let fields = &event["fields"];
-                (event["span"]["client_id"] == id.as_str() && fields["message"] == "call failed")
-                    .then(|| (fields["reason"].clone(), fields["detail"].clone()))
+        let event = binary
+            .wait_for(|e| {
+                e["span"]["client_id"] == id.as_str() && message(e) == Some("call failed")
             })
             .await;
-        assert_eq!(reason, case.reason, "{}: logged reason", case.name);
+        let (reason, detail) = (&event["fields"]["reason"], &event["fields"]["detail"]);
+        assert_eq!(*reason, case.reason, "{}: logged reason", case.name);
         println!("{:<28} logged {reason} ({detail})", case.name);
     }
     for flapping in [
@@ -46,15 +85,15 @@ async fn the_binary_survives_every_fault_without_a_panic_and_drains_on_sigterm()
     upstream.set(Mode::Healthy).await;
     call(&mut client, "bin-healthy").await.unwrap();
     drop(client);
-    binary.assert_clean_exit().await;
+    assert_clean_exit(binary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_stays_bounded_over_10_000_faulty_calls() {
     let upstream = FaultyUpstream::start(mixed_faults()).await;
     // A 100 ms request_timeout keeps the hangs and trickles (2 in 16) cheap.
-    let binary = Binary::start(&config_toml(&upstream.url(), Duration::from_millis(100))).await;
-    let client = binary.client().await;
+    let binary = start_binary(&config_toml(&upstream.url(), Duration::from_millis(100))).await;
+    let client = client(&binary).await;
     let start = binary.rss_kib();
 
     let warm_up = drive(&client, 1_000, 32, 256).await;
@@ -78,5 +117,5 @@ async fn rss_stays_bounded_over_10_000_faulty_calls() {
         "RSS grew by {growth} KiB over 10,000 faulty calls ({before} -> {after} KiB)"
     );
     drop(client);
-    binary.assert_clean_exit().await;
+    assert_clean_exit(binary).await;
 }

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use testkit::Mode;
 use tokengate::proto::GetTokenResponse;
 use tonic::{Code, Status};
 
 use crate::harness::{assert_failure, metadata, retry_delay};
-use crate::upstream::Mode;
 
 /// One fault and what a call during it must end with.
 pub struct Case {

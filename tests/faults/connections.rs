@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use testkit::{FaultyUpstream, Mode};
 use tokengate::Config;
 
-use crate::harness::{Gate, PATIENCE, call, config_toml, eventually, request};
-use crate::upstream::{FaultyUpstream, Mode};
+use crate::harness::{Gate, PATIENCE, call, config_toml, request};
 
 #[tokio::test]
 async fn calls_beyond_max_connections_wait_for_a_turn_and_then_succeed() {
@@ -23,7 +23,10 @@ async fn calls_beyond_max_connections_wait_for_a_turn_and_then_succeed() {
             tokio::spawn(async move { client.get_token(request).await })
         })
         .collect();
-    assert!(eventually(PATIENCE, || upstream.open() == 2).await);
+    testkit::wait::until("the two calls to hang upstream", PATIENCE, || async {
+        upstream.open() == 2
+    })
+    .await;
     upstream.set(Mode::Healthy).await;
     // Three more calls wait for a turn rather than opening sockets of their own.
     let waiting: Vec<_> = (0..3)

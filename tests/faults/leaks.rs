@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use testkit::{FaultyUpstream, Mode};
 use tokengate::proto::token_service_client::TokenServiceClient;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -13,7 +14,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::harness::{Gate, call};
-use crate::upstream::{FaultyUpstream, Mode};
 
 /// Every fault a connection can meet, one per connection in turn (refusal is
 /// listener-wide and covered by the outcome tests).
@@ -126,11 +126,12 @@ async fn faulty_calls_leave_no_task_behind() {
         );
     }
     // tokengate let go of every upstream connection too (hangs and trickles included).
-    assert!(
-        crate::harness::eventually(Duration::from_secs(5), || upstream.open() == 0).await,
-        "{} upstream connections still open",
-        upstream.open()
-    );
+    testkit::wait::until(
+        "every upstream connection to be closed",
+        Duration::from_secs(5),
+        || async { upstream.open() == 0 },
+    )
+    .await;
     assert_eq!(after_100, baseline, "tasks left behind by 100 faulty calls");
     assert_eq!(
         after_1000, baseline,

@@ -1,5 +1,5 @@
 //! Fault injection: tokengate against a local upstream that misbehaves on command
-//! ([`upstream::FaultyUpstream`], raw TCP speaking just enough HTTP/1.1).
+//! ([`testkit::FaultyUpstream`], raw TCP speaking just enough HTTP/1.1).
 //!
 //! - `outcomes`: every fault (refused, reset at each stage, hang, trickle, garbage, huge
 //!   bodies, 429 and 503 with and without `Retry-After`) ends in its contract §2 outcome,
@@ -20,4 +20,3 @@ mod harness;
 mod leaks;
 mod outcomes;
 mod storms;
-mod upstream;

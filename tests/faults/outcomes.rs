@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use testkit::{FaultyUpstream, Mode};
 use tokio::time::Instant;
 use tonic::Code;
 
 use crate::cases::cases;
-use crate::harness::{Gate, REQUEST_TIMEOUT, assert_failure, call, eventually};
-use crate::upstream::{FaultyUpstream, Mode};
+use crate::harness::{Gate, REQUEST_TIMEOUT, assert_failure, call};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_ends_in_its_contract_outcome_and_the_next_healthy_call_succeeds() {
@@ -24,10 +24,12 @@ async fn every_fault_ends_in_its_contract_outcome_and_the_next_healthy_call_succ
         case.check(&result);
         if let Some(expected) = case.connections {
             // A reset or refusal may be noticed by tokengate before the upstream's counter
-            // moves; give the counter a moment.
-            eventually(Duration::from_secs(2), || {
-                upstream.connections() - before == expected
-            })
+            // moves; give the counter a moment (more than expected fails just below).
+            testkit::wait::until(
+                &format!("{}: {expected} upstream request(s)", case.name),
+                Duration::from_secs(2),
+                || async { upstream.connections() - before >= expected },
+            )
             .await;
             assert_eq!(
                 upstream.connections() - before,
@@ -114,10 +116,11 @@ async fn a_callers_deadline_ends_a_hang_long_before_request_timeout() {
     assert!(took < Duration::from_secs(2), "{took:?}");
     // And tokengate gave up on the upstream at the deadline too: the hanging connection
     // is closed long before the 5 s request_timeout.
-    assert!(
-        eventually(Duration::from_secs(2), || upstream.open() == 0).await,
-        "the hanging upstream connection is still open {:?} after the call",
-        started.elapsed()
-    );
+    testkit::wait::until(
+        "the hanging upstream connection to be closed after the call",
+        Duration::from_secs(2),
+        || async { upstream.open() == 0 },
+    )
+    .await;
     gate.stop().await;
 }

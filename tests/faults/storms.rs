@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
+use testkit::{FaultyUpstream, Mode};
 use tokengate::proto::token_service_client::TokenServiceClient;
 use tokengate::proto::{AuthorizationCodeGrant, GetTokenRequest, get_token_request::Grant};
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::harness::{Gate, assert_failure, call, eventually, retry_delay};
-use crate::upstream::{FaultyUpstream, Mode};
+use crate::harness::{Gate, assert_failure, call, retry_delay};
 
 /// Calls `ids` concurrently (all at once) and returns the results in order of `ids`.
 async fn concurrently(
@@ -29,7 +29,12 @@ async fn concurrently(
 
 /// Waits until the upstream has counted `n` connections, then asserts exactly `n`.
 async fn assert_connections(upstream: &FaultyUpstream, n: usize, what: &str) {
-    eventually(Duration::from_secs(2), || upstream.connections() >= n).await;
+    testkit::wait::until(
+        &format!("{what}: {n} upstream requests"),
+        Duration::from_secs(2),
+        || async { upstream.connections() >= n },
+    )
+    .await;
     assert_eq!(upstream.connections(), n, "{what}: upstream requests");
 }
 

@@ -1,10 +1,13 @@
-//! A token endpoint that misbehaves on command: raw `tokio::net::TcpListener` on
-//! 127.0.0.1:0 speaking just enough HTTP/1.1 to read one request per connection and answer
-//! it (or not) as the current [`Mode`] says.
+//! A token endpoint that misbehaves on command: [`FaultyUpstream`], a raw
+//! `tokio::net::TcpListener` on 127.0.0.1:0 speaking just enough HTTP/1.1 to read one
+//! request per connection and answer it (or not) as the current [`Mode`] says.
 //!
 //! Every connection carries exactly one request and is closed after it (`Connection: close`),
 //! so tokengate never reuses a pooled connection across a mode switch and each request sees
 //! the mode in force when it connected.
+//!
+//! Unlike [`CountingUpstream`](crate::CountingUpstream), it runs on the test's own runtime
+//! (its tasks are spawned there): start it from inside that runtime.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use tokio::task::JoinSet;
 /// What the upstream does with the next connection.
 #[derive(Clone, Debug)]
 pub enum Mode {
-    /// 200 with a token.
+    /// 200 with a token: `access_token` `fault-suite-token`, `expires_in` 3600, scope `A B`.
     Healthy,
     /// The listener is closed: connecting is refused (ECONNREFUSED).
     Refuse,
@@ -34,7 +37,7 @@ pub enum Mode {
     /// Sends the headers and half of the announced body, then closes cleanly (FIN).
     CloseMidBody,
     /// Reads the request and never answers; the connection stays open until the peer
-    /// closes it (or [`HANG_CAP`] passes).
+    /// closes it (or 30 s pass).
     Hang,
     /// Sends the headers, then one body byte per period; the whole body would take far
     /// longer than any `request_timeout` used here.
@@ -57,14 +60,14 @@ pub enum Mode {
 }
 
 /// Longest a hanging connection is held open when the peer never closes it.
-pub const HANG_CAP: Duration = Duration::from_secs(30);
+const HANG_CAP: Duration = Duration::from_secs(30);
 
 /// The body of a healthy answer.
-pub const TOKEN_JSON: &str =
+const TOKEN_JSON: &str =
     r#"{"access_token":"fault-suite-token","token_type":"bearer","expires_in":3600,"scope":"A B"}"#;
 
 /// Size of the huge bodies: twice tokengate's 1 MiB cap.
-pub const HUGE: usize = 2 * 1024 * 1024;
+const HUGE: usize = 2 * 1024 * 1024;
 
 type Command = (Mode, oneshot::Sender<()>);
 
@@ -77,9 +80,12 @@ pub struct FaultyUpstream {
 }
 
 impl FaultyUpstream {
+    /// Listens on 127.0.0.1 (a free port) in `mode`; call it from the test's runtime.
     pub async fn start(mode: Mode) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0 for the faulty upstream");
+        let addr = listener.local_addr().expect("the upstream's address");
         let (control, commands) = mpsc::channel(4);
         let connections = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
@@ -117,8 +123,13 @@ impl FaultyUpstream {
             );
         }
         let (ack, applied) = oneshot::channel();
-        self.control.send((mode, ack)).await.unwrap();
-        applied.await.unwrap();
+        self.control
+            .send((mode, ack))
+            .await
+            .expect("the faulty upstream's accept loop is running");
+        applied
+            .await
+            .expect("the faulty upstream's accept loop applies the mode");
     }
 
     /// Connections accepted so far (one request each).
@@ -201,10 +212,12 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 
 /// Binds the same port again after a `Refuse`.
 fn rebind(addr: SocketAddr) -> TcpListener {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(addr).unwrap();
-    socket.listen(1024).unwrap()
+    let socket = TcpSocket::new_v4().expect("a socket for the faulty upstream");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(addr)
+        .unwrap_or_else(|e| panic!("bind {addr} again after Refuse: {e}"));
+    socket.listen(1024).expect("listen")
 }
 
 /// Reads one request (head and `Content-Length` body); false if the peer went away first.
@@ -419,5 +432,81 @@ async fn handle(mut stream: TcpStream, mode: Mode) {
             let reply = format!("{}{body}", head(status, &headers));
             let _ = stream.write_all(reply.as_bytes()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends one POST and reads the answer to the end (the upstream closes every
+    /// connection after one request).
+    async fn post(upstream: &FaultyUpstream) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(upstream.addr).await?;
+        let form = "grant_type=client_credentials";
+        let request = format!(
+            "POST /restapi/oauth/token HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[tokio::test]
+    async fn answers_as_the_mode_says_and_counts_connections() {
+        let upstream = FaultyUpstream::start(Mode::Healthy).await;
+        assert_eq!(upstream.url(), format!("http://{}", upstream.addr));
+        let answer = post(&upstream).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with(TOKEN_JSON), "{answer}");
+
+        upstream.set(Mode::Status(429, Some("7"))).await;
+        let answer = post(&upstream).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+        assert!(answer.contains("\r\nRetry-After: 7\r\n"), "{answer}");
+
+        upstream
+            .set(Mode::Cycle(vec![Mode::Status(503, None), Mode::Html]))
+            .await;
+        let first = post(&upstream).await.unwrap();
+        let second = post(&upstream).await.unwrap();
+        assert!(first.starts_with("HTTP/1.1 503 "), "{first}");
+        assert!(!first.contains("Retry-After"), "{first}");
+        assert!(second.contains("text/html"), "{second}");
+        assert_eq!(upstream.connections(), 4);
+    }
+
+    #[tokio::test]
+    async fn refuse_closes_the_listener_until_the_next_mode() {
+        let upstream = FaultyUpstream::start(Mode::Refuse).await;
+        let refused = TcpStream::connect(upstream.addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        upstream.set(Mode::Healthy).await;
+        let answer = post(&upstream).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert_eq!(upstream.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_connection_stays_open_until_the_peer_closes_it() {
+        let upstream = FaultyUpstream::start(Mode::Hang).await;
+        let mut stream = TcpStream::connect(upstream.addr).await.unwrap();
+        stream
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        crate::wait::until(
+            "the hang to be counted open",
+            Duration::from_secs(10),
+            || std::future::ready(upstream.open() == 1),
+        )
+        .await;
+        drop(stream);
+        crate::wait::until("the hang to end", Duration::from_secs(10), || {
+            std::future::ready(upstream.open() == 0)
+        })
+        .await;
     }
 }
