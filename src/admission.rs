@@ -20,6 +20,7 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct Admission {
     slots: Semaphore,
+    max_concurrent: usize,
     queued: AtomicUsize,
     max_queued: usize,
 }
@@ -37,9 +38,21 @@ impl Admission {
     pub fn new(max_concurrent: usize, max_queued: usize) -> Self {
         Self {
             slots: Semaphore::new(max_concurrent),
+            max_concurrent,
             queued: AtomicUsize::new(0),
             max_queued,
         }
+    }
+
+    /// Calls working now (`tokengate_calls_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.max_concurrent
+            .saturating_sub(self.slots.available_permits())
+    }
+
+    /// Calls waiting for a turn now (`tokengate_calls_queued`).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Waits for a slot (in arrival order) unless the queue is full or the deadline passes.
@@ -80,6 +93,7 @@ mod tests {
             futures_poll(&mut queued).await.is_none(),
             "the third call waits"
         );
+        assert_eq!((gate.in_flight(), gate.queued()), (2, 1));
         assert_eq!(
             gate.admit(None).await.unwrap_err(),
             Refusal::Overloaded,

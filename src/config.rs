@@ -80,6 +80,11 @@ pub struct ServerConfig {
     /// Plaintext `grpc.health.v1` only, served when mTLS is on: Kubernetes' gRPC probes
     /// cannot present a client certificate.
     pub health_listen: SocketAddr,
+    /// Plain-HTTP `GET /metrics` (Prometheus text, or OpenMetrics when asked) on its own
+    /// listener, so a NetworkPolicy can open it to the monitoring namespace alone.
+    /// Absent: no metrics listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Absent: plaintext gRPC (e.g. behind a mesh that terminates TLS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -102,6 +107,7 @@ impl Default for ServerConfig {
             max_concurrent_calls: 1024,
             max_queued_calls: 1024,
             health_listen: SocketAddr::from(([0, 0, 0, 0], 50052)),
+            metrics_listen: None,
             tls: None,
         }
     }

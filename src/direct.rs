@@ -12,6 +12,7 @@ use crate::broker::keys::Keys;
 use crate::client::Clients;
 use crate::error::Failure;
 use crate::grant::{FormField, RevokeRequest, TokenRequest};
+use crate::metrics::Metrics;
 use crate::upstream::{Outgoing, Replay, Token, Upstream, UpstreamErrorKind};
 
 /// How long after a refresh RingCentral answers the same refresh token identically, so a
@@ -26,6 +27,8 @@ pub struct Direct {
     pub admission: Admission,
     /// Names penalties without naming clients or users.
     pub keys: Arc<Keys>,
+    /// Counts refusals under a penalty and calls shed.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One request as the upstream will see it, before client authentication.
@@ -64,6 +67,7 @@ impl Direct {
             request.user.as_deref(),
         );
         if let Some(wait) = self.guard.remaining(&keys) {
+            self.metrics.rate_limit_refusal();
             return Err(Failure::RateLimited(wait));
         }
         let _turn = self
@@ -71,7 +75,10 @@ impl Direct {
             .admit(deadline)
             .await
             .map_err(|refusal| match refusal {
-                Refusal::Overloaded => Failure::Overloaded,
+                Refusal::Overloaded => {
+                    self.metrics.call_shed();
+                    Failure::Overloaded
+                }
                 Refusal::DeadlineExceeded => Failure::DeadlineExceeded,
             })?;
         let mut fields = request.fields;
@@ -95,7 +102,10 @@ impl Direct {
                 .map(|()| None),
         };
         result.map_err(|error| match error.kind {
-            UpstreamErrorKind::Held(wait) => Failure::RateLimited(wait),
+            UpstreamErrorKind::Held(wait) => {
+                self.metrics.rate_limit_refusal();
+                Failure::RateLimited(wait)
+            }
             _ => Failure::Upstream {
                 error,
                 caller_credentials,

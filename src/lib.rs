@@ -13,6 +13,7 @@ pub mod config;
 pub mod direct;
 pub mod error;
 pub mod grant;
+pub mod metrics;
 pub mod proto;
 pub mod service;
 pub mod startup;

@@ -16,6 +16,7 @@ use crate::client::{ClientError, Clients};
 use crate::direct::Direct;
 use crate::error::{CallError, Failure};
 use crate::grant::{GrantKind, RevokeRequest, TokenRequest};
+use crate::metrics::{ClientLabel, Metrics, Outcome};
 use crate::proto::{self, token_service_server::TokenService};
 use crate::upstream::Token;
 
@@ -35,6 +36,8 @@ struct Inner {
     callers: Callers,
     clients: Arc<Clients>,
     broker: Broker<Direct>,
+    /// Turns client ids into labels: registered ids or `public`.
+    metrics: Arc<Metrics>,
 }
 
 impl TokenGate {
@@ -43,12 +46,18 @@ impl TokenGate {
         self.inner.clients.signers()
     }
 
-    pub fn new(callers: Callers, clients: Arc<Clients>, broker: Broker<Direct>) -> Self {
+    pub fn new(
+        callers: Callers,
+        clients: Arc<Clients>,
+        broker: Broker<Direct>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 callers,
                 clients,
                 broker,
+                metrics,
             }),
         }
     }
@@ -58,11 +67,8 @@ impl TokenGate {
         request: proto::GetTokenRequest,
         caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
+        call: &mut Call,
     ) -> Result<(Token, Source), CallError> {
-        let mut call = Call::start(
-            request.grant.as_ref().map(grant_kind_of),
-            &request.client_id,
-        );
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = TokenRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
@@ -77,7 +83,7 @@ impl TokenGate {
                 Some(request.grant.kind()),
             )
             .map_err(|e| call.fail(Failure::Client(e)))?;
-        call.authenticated(resolved.client_id);
+        call.authenticated(&self.inner.metrics, resolved.client_id);
         let ask = Ask {
             client_id: resolved.client_id.map(str::to_owned),
             caches: resolved.caches,
@@ -96,8 +102,8 @@ impl TokenGate {
         request: proto::RevokeTokenRequest,
         caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
+        call: &mut Call,
     ) -> Result<(), CallError> {
-        let mut call = Call::start(None, &request.client_id);
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = RevokeRequest::try_from(request)
             .map_err(|violations| call.fail(Failure::InvalidRequest(violations)))?;
@@ -112,7 +118,7 @@ impl TokenGate {
                 None,
             )
             .map_err(|e| call.fail(Failure::Client(e)))?;
-        call.authenticated(resolved.client_id);
+        call.authenticated(&self.inner.metrics, resolved.client_id);
         let broker = &self.inner.broker;
         let result = broker.fetcher().revoke(&request, deadline).await;
         // Whatever the upstream said, no cached answer may hand the token out again.
@@ -125,28 +131,39 @@ impl TokenGate {
 struct Call {
     span: tracing::Span,
     grant: Option<GrantKind>,
+    /// The request's `client_id` as sent (or the default client's), for ErrorInfo only.
     client_id: Option<String>,
+    /// What logs and metrics name the client by: a registered client_id or `public`.
+    client: ClientLabel,
 }
 
 impl Call {
-    /// Starts labelling the current span with what the raw request names.
-    fn start(grant: Option<GrantKind>, client_id: &str) -> Self {
+    /// Starts labelling `span` with what the raw request names. A `client_id` that no
+    /// registered client has is labelled `public`: a caller's string never reaches a log.
+    fn start(
+        span: tracing::Span,
+        metrics: &Metrics,
+        grant: Option<GrantKind>,
+        client_id: &str,
+    ) -> Self {
         let mut call = Self {
-            span: tracing::Span::current(),
+            span,
             grant,
             client_id: None,
+            client: metrics.client(None),
         };
         if let Some(grant) = grant {
             call.span.record("grant_type", grant.as_str());
         }
-        call.authenticated((!client_id.is_empty()).then_some(client_id));
+        call.authenticated(metrics, (!client_id.is_empty()).then_some(client_id));
         call
     }
 
     /// Records the client the call was resolved to.
-    fn authenticated(&mut self, client_id: Option<&str>) {
+    fn authenticated(&mut self, metrics: &Metrics, client_id: Option<&str>) {
         if let Some(client_id) = client_id {
-            self.span.record("client_id", client_id);
+            self.client = metrics.client(Some(client_id));
+            self.span.record("client_id", self.client.as_str());
             self.client_id = Some(client_id.to_owned());
         }
     }
@@ -156,6 +173,16 @@ impl Call {
             failure,
             grant: self.grant,
             client_id: self.client_id.clone(),
+        }
+    }
+
+    /// What the call learned, for the metrics layer.
+    fn outcome(&self, reason: &'static str, source: Option<Source>) -> Outcome {
+        Outcome {
+            grant_type: self.grant.map_or("unspecified", GrantKind::as_str),
+            client: self.client.clone(),
+            reason,
+            source: source.map_or("none", Source::as_str),
         }
     }
 }
@@ -281,10 +308,27 @@ impl From<Token> for proto::GetTokenResponse {
     }
 }
 
-/// Logs the end of a call on its span, with the latency and, on failure, the reason.
-fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallError>) {
+/// Logs the end of a call on its span, with the latency, the upstream's HTTP status when
+/// this call reached it (`upstream_status`: from the token, or the upstream error; no
+/// hidden hand-over through the span) and, on failure, the reason.
+fn finish<T>(
+    span: &tracing::Span,
+    started: Instant,
+    result: &Result<T, CallError>,
+    upstream_status: Option<u16>,
+) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     span.record("latency_ms", latency_ms);
+    let upstream_status = upstream_status.or(match result {
+        Err(CallError {
+            failure: Failure::Upstream { error, .. },
+            ..
+        }) => error.http_status,
+        _ => None,
+    });
+    if let Some(status) = upstream_status {
+        span.record("upstream_status", status);
+    }
     match result {
         Ok(_) => tracing::info!(parent: span, "call succeeded"),
         Err(error) => {
@@ -295,6 +339,10 @@ fn finish<T>(span: &tracing::Span, started: Instant, result: &Result<T, CallErro
                     format!("invalid field(s): {}", fields.join(", "))
                 }
                 Failure::Client(ClientError::Signing(detail)) => detail.clone(),
+                // Its message quotes the caller's client_id, which no log line may hold.
+                Failure::Client(ClientError::Unknown(_)) => {
+                    "the client_id is not registered and public clients are not allowed".to_owned()
+                }
                 Failure::Client(e) => e.to_string(),
                 Failure::RateLimited(_)
                 | Failure::Overloaded
@@ -326,13 +374,36 @@ impl TokenService for TokenGate {
             .inner
             .callers
             .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
-        let result = TokenGate::get_token(self, request.into_inner(), caller, deadline)
+        let request = request.into_inner();
+        let mut call = Call::start(
+            span.clone(),
+            &self.inner.metrics,
+            request.grant.as_ref().map(grant_kind_of),
+            &request.client_id,
+        );
+        let result = TokenGate::get_token(self, request, caller, deadline, &mut call)
             .instrument(span.clone())
             .await;
-        finish(&span, started, &result);
-        result
-            .map(|answer| Response::new(response(answer)))
-            .map_err(Status::from)
+        let upstream_status = match &result {
+            Ok((token, Source::Upstream)) => token.upstream_status,
+            _ => None,
+        };
+        finish(&span, started, &result, upstream_status);
+        // Handed to the metrics layer explicitly, on errors too (see `metrics::Outcome`).
+        match result {
+            Ok(answer) => {
+                let outcome = call.outcome("OK", Some(answer.1));
+                let mut response = Response::new(response(answer));
+                response.extensions_mut().insert(outcome);
+                Ok(response)
+            }
+            Err(error) => {
+                let outcome = call.outcome(error.reason(), None);
+                let mut status = Status::from(error);
+                status.set_source(Arc::new(outcome));
+                Err(status)
+            }
+        }
     }
 
     async fn revoke_token(
@@ -352,11 +423,13 @@ impl TokenService for TokenGate {
             .inner
             .callers
             .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
+        let request = request.into_inner();
+        let mut call = Call::start(span.clone(), &self.inner.metrics, None, &request.client_id);
         let result = self
-            .revoke(request.into_inner(), caller, deadline)
+            .revoke(request, caller, deadline, &mut call)
             .instrument(span.clone())
             .await;
-        finish(&span, started, &result);
+        finish(&span, started, &result, None);
         result
             .map(|()| Response::new(proto::RevokeTokenResponse {}))
             .map_err(Status::from)

@@ -22,6 +22,8 @@ use crate::caller::Callers;
 use crate::client::Clients;
 use crate::config::{CacheBackend, Config};
 use crate::direct::Direct;
+use crate::metrics::Metrics;
+use crate::metrics::grpc::MetricsLayer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::service::TokenGate;
 use crate::tls::ReloadingTls;
@@ -72,6 +74,9 @@ pub struct Application {
     tls: Option<Arc<ReloadingTls>>,
     grace: Duration,
     service: TokenGate,
+    /// The `/metrics` listener, bound only when `server.metrics_listen` is set.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Application {
@@ -96,30 +101,54 @@ impl Application {
         } else {
             None
         };
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let tls = match &config.server.tls {
             Some(tls) => Some(Arc::new(
                 ReloadingTls::new(tls.files()).map_err(StartupError::Setup)?,
             )),
             None => None,
         };
-        let upstream = Upstream::new(&config.upstream).map_err(StartupError::Setup)?;
+        let metrics = Arc::new(Metrics::new(
+            config
+                .clients
+                .registered
+                .iter()
+                .map(|c| c.client_id.as_str()),
+        ));
+        let upstream =
+            Upstream::new(&config.upstream, metrics.clone()).map_err(StartupError::Setup)?;
         let clients = Clients::new(&config.clients, upstream.token_url().as_str())
             .map_err(StartupError::Setup)?;
         let clients = Arc::new(clients);
-        let broker = broker(config, clients.clone(), upstream)?;
+        let broker = broker(config, clients.clone(), upstream, &metrics)?;
         Ok(Self {
             listener,
             addr,
             health_listener,
             tls,
             grace: config.server.shutdown_grace_period,
-            service: TokenGate::new(Callers::new(&config.callers), clients, broker),
+            service: TokenGate::new(
+                Callers::new(&config.callers),
+                clients,
+                broker,
+                metrics.clone(),
+            ),
+            metrics_listener,
+            metrics,
         })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The `/metrics` address, when `server.metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The plaintext health address, when mTLS is on.
@@ -180,9 +209,20 @@ impl Application {
             }))
         });
 
+        // Metrics on: the listener, and the per-RPC layer around every route.
+        let metered = self.metrics_listener.map(|(listener, addr)| {
+            tracing::info!(%addr, "serving metrics");
+            AbortOnDrop(tokio::spawn(crate::metrics::serve::serve(
+                listener,
+                self.metrics.clone(),
+            )))
+        });
+        let layer = MetricsLayer::new(metered.as_ref().map(|_| self.metrics.clone()));
+
         let token_service =
             TokenServiceServer::new(self.service).max_decoding_message_size(MAX_REQUEST_BYTES);
         let router = Server::builder()
+            .layer(layer)
             // Find dead peers (and keep NAT/LB state alive) without waiting for TCP.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -230,6 +270,7 @@ fn broker(
     config: &Config,
     clients: Arc<Clients>,
     upstream: Upstream,
+    metrics: &Arc<Metrics>,
 ) -> Result<Broker<Direct>, StartupError> {
     let cache = &config.cache;
     let keys = Arc::new(Keys::new(cache.key.as_ref()));
@@ -239,6 +280,12 @@ fn broker(
             let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
             let store = RedisStore::start(&cache.redis, keys.clone(), notices_tx)
                 .map_err(StartupError::Setup)?;
+            let up = store.clone();
+            metrics.sample(
+                "tokengate_redis_up",
+                "Whether Redis answers (1) or not (0).",
+                move || i64::from(up.is_up()),
+            );
             let (told, penalties) = tokio::sync::mpsc::unbounded_channel();
             (Some((store, notices)), Some(penalties), Some(told))
         }
@@ -254,9 +301,16 @@ fn broker(
             config.server.max_queued_calls,
         ),
         keys: keys.clone(),
+        metrics: metrics.clone(),
     };
     tracing::info!(backend = ?cache.backend, "token broker ready");
-    Ok(Broker::new(
+    let penalties_in_force = guard.clone();
+    metrics.sample(
+        "tokengate_rate_limit_penalties",
+        "Upstream 429 penalties in force on this replica (clients or users held back).",
+        move || count(penalties_in_force.in_force()),
+    );
+    let broker = Broker::new(
         cache,
         Parts {
             fetch: direct,
@@ -267,8 +321,42 @@ fn broker(
             fleet,
             guard,
             penalties,
+            metrics: metrics.clone(),
         },
-    ))
+    );
+    let sampled = broker.clone();
+    metrics.sample(
+        "tokengate_calls_in_flight",
+        "Calls holding one of the max_concurrent_calls slots.",
+        move || count(sampled.fetcher().admission.in_flight()),
+    );
+    let sampled = broker.clone();
+    metrics.sample(
+        "tokengate_calls_queued",
+        "Calls waiting for a slot.",
+        move || count(sampled.fetcher().admission.queued()),
+    );
+    let sampled = broker.clone();
+    metrics.sample(
+        "tokengate_cache_entries",
+        "Entries in this replica's local cache.",
+        move || i64::try_from(sampled.local_entries()).unwrap_or(i64::MAX),
+    );
+    Ok(broker)
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    Ok((listener, addr))
 }
 
 /// Aborts a background task when dropped.

@@ -13,6 +13,7 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::config::UpstreamConfig;
 use crate::grant::FormField;
+use crate::metrics::{Endpoint, Metrics, UpstreamStatus};
 
 /// Largest body read from the upstream (contract §6).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -123,6 +124,8 @@ pub struct Upstream {
     /// Retries may add at most about a fifth to the upstream's load (plus a trickle), so a
     /// failing upstream is not hammered by every caller's retries at once.
     budget: std::sync::Arc<TpsBudget>,
+    /// Counts and times every request sent.
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -167,6 +170,10 @@ pub struct Token {
     /// When the response headers arrived; absolute expiry times count from here.
     #[serde(skip, default = "SystemTime::now")]
     pub received_at: SystemTime,
+    /// The HTTP status of the upstream answer that carried this token (`None` once it went
+    /// through Redis). Only a call whose answer came from the upstream reports it.
+    #[serde(skip)]
+    pub upstream_status: Option<u16>,
 }
 
 /// Accepts a whole number of seconds as a JSON number or a numeric string (both occur).
@@ -267,7 +274,7 @@ impl Reply {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+    pub fn new(config: &UpstreamConfig, metrics: std::sync::Arc<Metrics>) -> Result<Self, String> {
         let base = Url::parse(&config.base_url).map_err(|e| format!("upstream.base_url: {e}"))?;
         let join = |path: &str| {
             base.join(path)
@@ -304,6 +311,7 @@ impl Upstream {
             request_timeout: config.request_timeout,
             connections: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             budget: std::sync::Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+            metrics,
         })
     }
 
@@ -317,7 +325,9 @@ impl Upstream {
         request: &Outgoing<'_>,
         deadline: Option<Instant>,
     ) -> Result<Token, UpstreamError> {
-        let reply = self.post(&self.token_url, request, deadline).await?;
+        let reply = self
+            .post(Endpoint::Token, &self.token_url, request, deadline)
+            .await?;
         decode_token(&reply, request)
     }
 
@@ -327,7 +337,9 @@ impl Upstream {
         request: &Outgoing<'_>,
         deadline: Option<Instant>,
     ) -> Result<(), UpstreamError> {
-        let reply = self.post(&self.revoke_url, request, deadline).await?;
+        let reply = self
+            .post(Endpoint::Revoke, &self.revoke_url, request, deadline)
+            .await?;
         if reply.status.is_success() {
             return Ok(());
         }
@@ -337,6 +349,7 @@ impl Upstream {
     /// Sends the form and reads the reply, bounded by min(caller's deadline, request_timeout).
     async fn post(
         &self,
+        endpoint: Endpoint,
         url: &Url,
         request: &Outgoing<'_>,
         deadline: Option<Instant>,
@@ -374,6 +387,7 @@ impl Upstream {
                 let _permit = self.connections.acquire().await;
                 send(builder).await
             };
+            let sent = Instant::now();
             let result = match tokio::time::timeout_at(until, attempt_once).await {
                 Ok(result) => result,
                 Err(_elapsed) if callers => {
@@ -381,6 +395,8 @@ impl Upstream {
                 }
                 Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
             };
+            self.metrics
+                .upstream_request(endpoint, status_of(&result), sent.elapsed());
             if let (Ok(reply), Some(penalty)) = (&result, request.penalty)
                 && reply.status == StatusCode::TOO_MANY_REQUESTS
             {
@@ -401,6 +417,19 @@ impl Upstream {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+}
+
+/// How one attempt ended, as `tokengate_upstream_requests_total{status}` says it.
+fn status_of(result: &Result<Reply, UpstreamError>) -> UpstreamStatus {
+    match result {
+        Ok(reply) => UpstreamStatus::Http(reply.status.as_u16()),
+        Err(error) => match (&error.kind, error.http_status) {
+            (_, Some(status)) => UpstreamStatus::Http(status),
+            (UpstreamErrorKind::Timeout, None) => UpstreamStatus::Timeout,
+            (UpstreamErrorKind::DeadlineExceeded, None) => UpstreamStatus::Deadline,
+            (_, None) => UpstreamStatus::Error,
+        },
     }
 }
 
@@ -447,8 +476,6 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
     })?;
     let received_at = SystemTime::now();
     let status = response.status();
-    // The caller's span declares this field (see `service`).
-    tracing::Span::current().record("upstream_status", status.as_u16());
     let headers = response.headers();
     let request_id = headers
         .get("rcrequestid")
@@ -550,6 +577,7 @@ fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, Upstream
         {
             Ok(Token {
                 received_at: reply.received_at,
+                upstream_status: Some(reply.status.as_u16()),
                 ..token
             })
         }

@@ -219,6 +219,7 @@ impl From<WireToken> for Token {
             session_expiration_time: t.session_expiration_time,
             session_idle_timeout: t.session_idle_timeout,
             received_at: time(t.received_at).unwrap_or(UNIX_EPOCH),
+            upstream_status: None,
         }
     }
 }

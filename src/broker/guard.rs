@@ -80,6 +80,12 @@ impl RateLimitGuard {
         Some(end - now)
     }
 
+    /// Penalties in force now (`tokengate_rate_limit_penalties`), read at scrape time.
+    pub fn in_force(&self) -> usize {
+        let now = Instant::now();
+        self.map().values().filter(|end| **end > now).count()
+    }
+
     /// Records a 429: nothing more is sent for these keys for `wait`, on any replica.
     pub fn penalise(&self, keys: &GuardKeys, wait: Duration) {
         // Capped like Retry-After itself, so no wait can overflow the clock.
@@ -139,6 +145,7 @@ mod tests {
     async fn a_user_penalty_blocks_that_user_only_until_it_ends() {
         let guard = RateLimitGuard::new(None);
         guard.penalise(&keys("app", Some("alice")), Duration::from_secs(60));
+        assert_eq!(guard.in_force(), 1);
         let alice = keys("app", Some("alice"));
         assert_eq!(guard.remaining(&alice), Some(Duration::from_secs(60)));
         assert_eq!(guard.remaining(&keys("app", Some("bob"))), None);

@@ -36,6 +36,7 @@ use self::redis::{Notice, RedisStore};
 use crate::config::CacheConfig;
 use crate::error::Failure;
 use crate::grant::{Grant, TokenRequest};
+use crate::metrics::{Lookup, Metrics};
 use crate::upstream::{Token, UpstreamErrorKind};
 
 /// How often a replica that waits for another replica's call looks for its result.
@@ -76,6 +77,18 @@ pub enum Source {
     Cache,
     Coalesced,
     Replayed,
+}
+
+impl Source {
+    /// The `source` label of `tokengate_token_requests_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::Cache => "cache",
+            Self::Coalesced => "coalesced",
+            Self::Replayed => "replayed",
+        }
+    }
 }
 
 /// What one request asks of the broker.
@@ -154,6 +167,8 @@ struct Inner<F> {
     fleet: Option<RedisStore>,
     /// How long a fleet-wide lease lasts: the longest an upstream call can take.
     lease_ttl: Duration,
+    /// Counts lookups by result.
+    metrics: Arc<Metrics>,
 }
 
 /// Expires each local entry when the store would.
@@ -193,6 +208,8 @@ pub struct Parts<F> {
     /// The guard that fleet penalties are applied to, and the penalties it reports.
     pub guard: Arc<RateLimitGuard>,
     pub penalties: Option<tokio::sync::mpsc::UnboundedReceiver<guard::Shared>>,
+    /// Where lookups are counted (`tokengate_cache_lookups_total`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl<F: Fetch> Broker<F> {
@@ -221,6 +238,7 @@ impl<F: Fetch> Broker<F> {
                 flights: Mutex::default(),
                 fleet,
                 lease_ttl: parts.request_timeout + Duration::from_secs(1),
+                metrics: parts.metrics,
             }),
         };
         if let Some(notices) = notices {
@@ -274,6 +292,21 @@ impl<F: Fetch> Broker<F> {
             let token = inner.fetch.fetch(&ask.request, ask.deadline).await?;
             return Ok((token, Source::Upstream));
         }
+        let mut lookup = Lookup::Miss;
+        let result = self.look_up(ask, treatment, &mut lookup).await;
+        inner.metrics.cache_lookup(lookup);
+        result
+    }
+
+    /// [`Broker::token`] for a request the broker keeps answers for; `lookup` ends up
+    /// saying how it was answered.
+    async fn look_up(
+        &self,
+        ask: Ask,
+        treatment: Treatment,
+        lookup: &mut Lookup,
+    ) -> Result<(Token, Source), Failure> {
+        let inner = &self.inner;
         let id = identity::identity(
             &inner.keys,
             &ask.request,
@@ -287,9 +320,17 @@ impl<F: Fetch> Broker<F> {
                     if renew {
                         self.renew(id, request.clone(), entry.clone(), treatment);
                     }
+                    *lookup = match treatment {
+                        Treatment::Cache => Lookup::Hit,
+                        _ => Lookup::Replayed,
+                    };
                     return served(&entry, treatment, inner.clock.now(), false);
                 }
                 Kept::Replaces(previous) => previous,
+            };
+            *lookup = match previous {
+                Some(_) => Lookup::Stale,
+                None => Lookup::Miss,
             };
             let flown = self
                 .fly(id, request.clone(), treatment, previous, ask.deadline)
@@ -297,7 +338,11 @@ impl<F: Fetch> Broker<F> {
             match flown {
                 Flown::Landed { landed, led } => match *landed {
                     Ok((token, source)) => {
-                        return Ok((token, if led { source } else { Source::Coalesced }));
+                        if !led {
+                            *lookup = Lookup::Coalesced;
+                            return Ok((token, Source::Coalesced));
+                        }
+                        return Ok((token, source));
                     }
                     // The leader's own deadline, not ours: start over while time is left.
                     Err(Failure::DeadlineExceeded) if !led => {}

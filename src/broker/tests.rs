@@ -115,6 +115,7 @@ struct Setup {
     broker: Broker<Arc<Fake>>,
     fake: Arc<Fake>,
     clock: Arc<ManualClock>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn setup() -> Setup {
@@ -133,6 +134,7 @@ fn setup_with(expires_in: u64, open: usize) -> Setup {
         clock: clock.clone(),
         expires_in,
     });
+    let metrics = Arc::new(crate::metrics::Metrics::new([]));
     let broker = Broker::new(
         &CacheConfig::default(),
         Parts {
@@ -144,12 +146,14 @@ fn setup_with(expires_in: u64, open: usize) -> Setup {
             fleet: None,
             guard: Arc::new(RateLimitGuard::new(None)),
             penalties: None,
+            metrics: metrics.clone(),
         },
     );
     Setup {
         broker,
         fake,
         clock,
+        metrics,
     }
 }
 
@@ -203,7 +207,12 @@ async fn settle() {
 
 #[tokio::test]
 async fn a_burst_of_identical_calls_makes_one_upstream_call_and_then_hits_the_cache() {
-    let Setup { broker, fake, .. } = setup_with(HOUR, 0);
+    let Setup {
+        broker,
+        fake,
+        metrics,
+        ..
+    } = setup_with(HOUR, 0);
     let calls: Vec<_> = (0..50)
         .map(|_| {
             tokio::spawn({
@@ -240,6 +249,19 @@ async fn a_burst_of_identical_calls_makes_one_upstream_call_and_then_hits_the_ca
     let (token, source) = broker.token(ask(jwt())).await.unwrap();
     assert_eq!((access(&token), source), ("at-1", Source::Cache));
     assert_eq!(fake.calls(), 1);
+    let lookups = [
+        Lookup::Miss,
+        Lookup::Coalesced,
+        Lookup::Hit,
+        Lookup::Stale,
+        Lookup::Replayed,
+    ]
+    .map(|lookup| metrics.cache_lookups(lookup));
+    assert_eq!(
+        lookups,
+        [1, 49, 1, 0, 0],
+        "miss, coalesced, hit, stale, replayed"
+    );
 }
 
 #[tokio::test]
@@ -248,6 +270,7 @@ async fn a_hit_carries_the_true_remaining_lifetime_and_scope_order_does_not_matt
         broker,
         fake,
         clock,
+        ..
     } = setup();
     broker.token(ask(jwt())).await.unwrap();
     clock.advance(Duration::from_secs(600));
@@ -265,6 +288,7 @@ async fn inside_refresh_ahead_a_hit_answers_at_once_and_one_renewal_uses_the_kep
         broker,
         fake,
         clock,
+        ..
     } = setup_with(HOUR, 1);
     broker.token(ask(jwt())).await.unwrap();
     // Past the jittered renewal point (at most 330 s before expiry), before min_remaining.
@@ -292,6 +316,7 @@ async fn a_failed_refresh_falls_back_to_the_grant_with_the_request_at_hand() {
         broker,
         fake,
         clock,
+        metrics,
     } = setup();
     broker.token(ask(jwt())).await.unwrap();
     clock.advance(Duration::from_secs(HOUR - 30));
@@ -299,6 +324,11 @@ async fn a_failed_refresh_falls_back_to_the_grant_with_the_request_at_hand() {
     // Below min_remaining: the caller waits for the new token.
     let (token, source) = broker.token(ask(jwt())).await.unwrap();
     assert_eq!((access(&token), source), ("at-3", Source::Upstream));
+    assert_eq!(
+        [Lookup::Miss, Lookup::Stale].map(|lookup| metrics.cache_lookups(lookup)),
+        [1, 1],
+        "the kept token could no longer answer: a stale lookup"
+    );
     assert_eq!(
         *fake.grants.lock().unwrap(),
         [
@@ -315,6 +345,7 @@ async fn a_definitive_error_of_a_one_time_grant_is_replayed_within_the_window_on
         broker,
         fake,
         clock,
+        ..
     } = setup();
     fake.push(Err(oauth("invalid_grant")));
     let first = broker.token(ask(password())).await.unwrap_err();
@@ -333,7 +364,12 @@ async fn a_definitive_error_of_a_one_time_grant_is_replayed_within_the_window_on
 
 #[tokio::test]
 async fn a_replayed_token_keeps_its_refresh_token_and_is_never_a_cache_hit() {
-    let Setup { broker, fake, .. } = setup();
+    let Setup {
+        broker,
+        fake,
+        metrics,
+        ..
+    } = setup();
     for grant in [
         Grant::RefreshToken {
             refresh_token: "rt-old".into(),
@@ -364,6 +400,9 @@ async fn a_replayed_token_keeps_its_refresh_token_and_is_never_a_cache_hit() {
             "a one-time credential reaches the upstream once"
         );
     }
+    assert_eq!(metrics.cache_lookups(Lookup::Replayed), 2);
+    assert_eq!(metrics.cache_lookups(Lookup::Miss), 2);
+    assert_eq!(metrics.cache_lookups(Lookup::Hit), 0);
 }
 
 #[tokio::test]
@@ -452,6 +491,7 @@ async fn device_polling_is_answered_once_per_interval() {
         broker,
         fake,
         clock,
+        ..
     } = setup();
     let device = || {
         ask(request(Grant::DeviceCode {
@@ -536,6 +576,7 @@ async fn only_the_cached_grants_are_ever_served_from_the_cache() {
         broker,
         fake,
         clock,
+        ..
     } = setup();
     let cached = CacheConfig::default().grants;
     let mut sent = 0;

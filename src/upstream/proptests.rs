@@ -824,11 +824,14 @@ async fn a_429_with_a_huge_retry_after_is_rate_limited_not_a_panic() {
         )
         .mount(&server)
         .await;
-    let upstream = Upstream::new(&UpstreamConfig {
-        base_url: server.uri(),
-        allow_insecure_http: true,
-        ..UpstreamConfig::default()
-    })
+    let upstream = Upstream::new(
+        &UpstreamConfig {
+            base_url: server.uri(),
+            allow_insecure_http: true,
+            ..UpstreamConfig::default()
+        },
+        std::sync::Arc::new(crate::metrics::Metrics::new([])),
+    )
     .unwrap();
     let error = upstream
         .token(&no_secrets(), None)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -114,6 +115,21 @@ def health_port(r: Rendered) -> int | None:
     match = re.fullmatch(r"0\.0\.0\.0:(\d+)", listen)
     assert match, f"server.health_listen {listen!r} is not 0.0.0.0:<port>"
     return int(match.group(1))
+
+
+def metrics_port(r: Rendered) -> int | None:
+    """The port of server.metrics_listen when the chart turns metrics on, else None."""
+    listen = r.config["server"].get("metrics_listen")
+    if listen is None:
+        return None
+    match = re.fullmatch(r"0\.0\.0\.0:(\d+)", listen)
+    assert match, f"server.metrics_listen {listen!r} is not 0.0.0.0:<port>"
+    return int(match.group(1))
+
+
+def metrics_rules(policy: dict, port: int) -> list[dict]:
+    """The NetworkPolicy's ingress rules that open the metrics port."""
+    return [i for i in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in i["ports"]]
 
 
 # --- Throwaway PKI for the TLS files: a CA, a server certificate it issued, and a second CA
@@ -360,6 +376,13 @@ def test_ports_and_probes_use_the_port_in_server_listen(rendered):
     port = rendered.listen_port
     ports = {p["name"]: p for p in rendered.container["ports"]}
     assert ports["grpc"]["containerPort"] == port
+    # The metrics port is server.metrics_listen's, when metrics are on; never a probe's.
+    metrics = metrics_port(rendered)
+    if metrics is None:
+        assert "metrics" not in ports
+    else:
+        assert ports.pop("metrics") == {"name": "metrics", "containerPort": metrics, "protocol": "TCP"}
+        assert metrics not in (port, health_port(rendered))
     health = health_port(rendered)
     if health is None:
         assert set(ports) == {"grpc"}
@@ -389,6 +412,11 @@ def test_services_target_the_container_port(rendered):
         # pod; the headless one never does.
         if health_port(rendered) is not None and "clusterIP" not in service["spec"]:
             assert ports.pop("health")["targetPort"] == health_port(rendered)
+        # The main Service carries the metrics port when metrics are on, for Prometheus.
+        if metrics_port(rendered) is not None and "clusterIP" not in service["spec"]:
+            metrics = ports.pop("metrics")
+            assert metrics["port"] == metrics["targetPort"] == metrics_port(rendered)
+            assert metrics["appProtocol"] == "http"
         assert ports == {}
         selector = service["spec"]["selector"]
         labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
@@ -442,6 +470,9 @@ def test_rolling_update_never_removes_a_serving_pod(rendered):
 def test_network_policy_opens_the_grpc_port_and_the_upstream_port(rendered):
     (policy,) = [p for p in rendered.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
     ingress, *health_rules = policy["spec"]["ingress"]
+    metrics = metrics_port(rendered)
+    if metrics is not None:
+        health_rules = [rule for rule in health_rules if rule not in metrics_rules(policy, metrics)]
     assert ingress["ports"] == [{"port": rendered.listen_port, "protocol": "TCP"}]
     # With mTLS (and the test pod), one more rule: the health port, from the test pod only.
     expected = 1 if health_port(rendered) is not None and rendered.all("Pod") else 0
@@ -847,6 +878,69 @@ def test_with_mtls_the_health_port_is_open_to_the_test_pod_only(rendered_sets):
     assert all({"port": port, "protocol": "TCP"} not in i["ports"] for i in policy["spec"]["ingress"])
 
 
+def test_the_metrics_port_is_open_to_the_named_namespace_only(rendered):
+    """With metrics on and the NetworkPolicy on, one rule opens the metrics port, to the pods of
+    metrics.namespace and nothing else; no other rule opens it."""
+    metrics = metrics_port(rendered)
+    policies = [p for p in rendered.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
+    if metrics is None or not policies:
+        return
+    (policy,) = policies
+    (rule,) = metrics_rules(policy, metrics)
+    assert rule["ports"] == [{"port": metrics, "protocol": "TCP"}]
+    namespace = rendered.values.get("metrics", {}).get("namespace", "monitoring")
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}]
+
+
+def test_a_value_set_serves_metrics_on_its_own_port_and_namespace(rendered_sets):
+    r = rendered_sets["production"]
+    assert metrics_port(r) == 9100
+    (policy,) = [p for p in r.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
+    (rule,) = metrics_rules(policy, 9100)
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "observability"}
+
+
+def test_metrics_off_or_without_a_namespace_open_nothing():
+    off = Rendered({"metrics": {"enabled": False}})
+    assert "metrics_listen" not in off.config["server"]
+    assert "metrics" not in {p["name"] for p in off.container["ports"]}
+    for service in off.all("Service"):
+        assert "metrics" not in {p["name"] for p in service["spec"]["ports"]}
+    for doc in off.docs:
+        assert "9090" not in json.dumps(doc.get("spec", {})), doc["kind"]
+    # On, but no namespace named: served and on the Service, yet no rule admits anyone.
+    closed = Rendered({"metrics": {"namespace": ""}})
+    assert metrics_port(closed) == 9090
+    (policy,) = [p for p in closed.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test-health")]
+    assert metrics_rules(policy, 9090) == []
+
+
+def test_the_binary_serves_metrics_where_the_chart_says(rendered_sets, tokengate_bin, tmp_path):
+    """Serve the rendered default config with its listeners moved to free loopback ports: the
+    binary logs the metrics listener and answers GET /metrics there."""
+    r = rendered_sets["default"]
+    assert metrics_port(r) == 9090
+    proc = run_rendered(
+        tokengate_bin, r, tmp_path, ["serve"], popen=True,
+        env_extra={"TOKENGATE_SERVER__LISTEN": "127.0.0.1:0", "TOKENGATE_SERVER__METRICS_LISTEN": "127.0.0.1:0",
+                   "TOKENGATE_LOG_FORMAT": "json"},
+    )
+    try:
+        logs = wait_for_logs(proc, {"serving metrics", "listening"})
+        with urllib.request.urlopen(f"http://{logs['serving metrics']['addr']}/metrics", timeout=30) as reply:
+            body = reply.read().decode()
+            assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "# TYPE grpc_server_started_total counter" in body, body
+        assert "tokengate_build_info{version=" in body, body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for_logs(proc, messages: set[str], patience: float = 20.0) -> dict[str, dict]:
     """The fields of the first JSON log line of each message in `messages`, by message."""
     deadline = time.monotonic() + patience
@@ -997,7 +1091,11 @@ CONFIG_SCHEMA = SCHEMA["properties"]["config"]["properties"]
 # writes itself and the schema refuses).
 SECTIONS = {
     "config": ("bogus_key = 1", set(CONFIG_SCHEMA), set()),
-    "server": ("[server]\nbogus_key = 1", set(CONFIG_SCHEMA["server"]["properties"]), {"listen", "health_listen", "tls"}),
+    "server": (
+        "[server]\nbogus_key = 1",
+        set(CONFIG_SCHEMA["server"]["properties"]),
+        {"listen", "health_listen", "metrics_listen", "tls"},
+    ),
     "server.tls": ('[server.tls]\ncert_file = "a"\nkey_file = "b"\nbogus_key = 1', set(), {"cert_file", "key_file", "client_ca_file"}),
     "upstream": ("[upstream]\nbogus_key = 1", set(CONFIG_SCHEMA["upstream"]["properties"]), {"ca_file"}),
     "callers": ('[[callers]]\nname = "a"\nbogus_key = 1', set(CONFIG_SCHEMA["callers"]["items"]["properties"]), set()),

@@ -110,6 +110,12 @@ REFUSED = [
     ({"tls": {"mtls": True}}, "/tls/enabled"),
     ({"tls": {"enabled": "yes"}}, "/tls/enabled"),
     ({"healthPort": 80}, "/healthPort"),
+    # metrics: the listen address is the chart's (from metrics), the namespace a DNS label
+    ({"config": {"server": {"metrics_listen": "0.0.0.0:9090"}}}, "metrics_listen"),
+    ({"metrics": {"port": 80}}, "/metrics/port"),
+    ({"metrics": {"enabled": "yes"}}, "/metrics/enabled"),
+    ({"metrics": {"namespace": "Monitoring"}}, "/metrics/namespace"),
+    ({"metrics": {"path": "/stats"}}, "path"),
     # limits and the plain-http guard
     ({"config": {"server": {"max_concurrent_calls": 0}}}, "/config/server/max_concurrent_calls"),
     ({"config": {"server": {"max_queued_calls": -1}}}, "/config/server/max_queued_calls"),
@@ -179,6 +185,12 @@ def test_lint_reports_bad_values_as_errors(values, expected):
 
 # Template-level checks that a schema cannot express; each stops the render with a reason.
 TEMPLATE_REFUSALS = [
+    ({"metrics": {"port": 50051}}, "metrics.port (50051) must differ from containerPort"),
+    (
+        {"metrics": {"port": 50052}, "tls": {"enabled": True, "mtls": True, "existingSecret": "tls"}},
+        "metrics.port (50052) must differ from healthPort",
+    ),
+    ({"metrics": {"port": 9443}, "service": {"port": 9443}}, "metrics.port (9443) must differ from service.port"),
     (
         {"terminationGracePeriodSeconds": 25},  # 20s drain + 5s sleep = 25: not enough
         "terminationGracePeriodSeconds (25) must be greater than",

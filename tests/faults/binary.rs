@@ -61,12 +61,24 @@ async fn the_binary_survives_every_fault_without_a_panic_and_drains_on_sigterm()
         upstream.set(case.mode.clone()).await;
         let id = format!("bin-case-{i}");
         case.check(&call(&mut client, &id).await);
-        // The failure is logged once, with the same reason and a detail for operators.
-        let event = binary
-            .wait_for(|e| {
-                e["span"]["client_id"] == id.as_str() && message(e) == Some("call failed")
-            })
-            .await;
+        // The failure is logged once, with the same reason and a detail for operators. The
+        // calls are one after another, so this is the i-th failure logged; the unregistered
+        // client_id is logged as `public`, never as the caller's string.
+        let failures = || -> Vec<serde_json::Value> {
+            binary
+                .events()
+                .into_iter()
+                .filter(|e| message(e) == Some("call failed"))
+                .collect()
+        };
+        testkit::wait::until(
+            &format!("the failure of {id} logged"),
+            Duration::from_secs(30),
+            || std::future::ready(failures().len() > i),
+        )
+        .await;
+        let event = failures().swap_remove(i);
+        assert_eq!(event["span"]["client_id"], "public", "{event}");
         let (reason, detail) = (&event["fields"]["reason"], &event["fields"]["detail"]);
         assert_eq!(*reason, case.reason, "{}: logged reason", case.name);
         println!("{:<28} logged {reason} ({detail})", case.name);

@@ -422,7 +422,8 @@ them.
 {{/*
 The tokengate config as a dict, ready for toToml. The keys that name ports and files are the
 chart's, so none of them can drift from the pod spec: `server.listen` comes from containerPort,
-`server.health_listen` (with mTLS) from healthPort, `server.tls.*` from tls.mountPath,
+`server.health_listen` (with mTLS) from healthPort, `server.metrics_listen` from metrics.port
+(when metrics.enabled), `server.tls.*` from tls.mountPath,
 `upstream.ca_file` from the upstream.caBundle mount, and `client_secret_file` (secret methods)
 and `private_key_file` (private_key_jwt) from secret.mountPath. The assertion settings
 (signing_alg, key_id, assertion_audience) and allowed_callers are passed through as set; the
@@ -450,6 +451,19 @@ min_remaining above refresh_ahead are refused here, before the binary would refu
 {{- fail (printf "healthPort (%d) must differ from containerPort: with mTLS tokengate serves plaintext health on a port of its own" (.Values.healthPort | int)) }}
 {{- end }}
 {{- $_ := set $config.server "health_listen" (printf "0.0.0.0:%d" (.Values.healthPort | int)) }}
+{{- end }}
+{{- if .Values.metrics.enabled }}
+{{- $metricsPort := .Values.metrics.port | int }}
+{{- if eq $metricsPort (.Values.containerPort | int) }}
+{{- fail (printf "metrics.port (%d) must differ from containerPort: metrics are served on a port of their own" $metricsPort) }}
+{{- end }}
+{{- if and $mtls (eq $metricsPort (.Values.healthPort | int)) }}
+{{- fail (printf "metrics.port (%d) must differ from healthPort: with mTLS tokengate serves plaintext health there" $metricsPort) }}
+{{- end }}
+{{- if eq $metricsPort (.Values.service.port | int) }}
+{{- fail (printf "metrics.port (%d) must differ from service.port: the Service carries both" $metricsPort) }}
+{{- end }}
+{{- $_ := set $config.server "metrics_listen" (printf "0.0.0.0:%d" $metricsPort) }}
 {{- end }}
 {{- if include "tokengate.upstreamCA" . | fromJson }}
 {{- $_ := set $config.upstream "ca_file" (printf "%s/%s" (include "tokengate.upstreamCADir" .) .Values.upstream.caBundle.key) }}

@@ -1,0 +1,445 @@
+//! The metrics suite (contract §9, README "Operate it"): the real binary with
+//! `server.metrics_listen`, a counting upstream, and Debian's `prometheus` and `promtool`
+//! (testkit), all started per test.
+//!
+//! - the exposition passes `promtool check metrics` (Prometheus text) and is OpenMetrics when
+//!   asked for;
+//! - a real Prometheus scrapes tokengate every second under known traffic, and the series it
+//!   stored hold exactly what that traffic must produce;
+//! - hundreds of distinct users and public client ids add no series, and no caller-chosen
+//!   client id reaches a log line;
+//! - without `metrics_listen` nothing listens.
+//!
+//! Waits are on log lines and on a scrape that began after the traffic, never on a sleep.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use testkit::{CountingUpstream, Prometheus, Tokengate, http_get, message, promtool_check_metrics};
+use tokengate::proto::get_token_request::Grant;
+use tokengate::proto::token_service_client::TokenServiceClient;
+use tokengate::proto::{
+    ClientCredentialsGrant, GetTokenRequest, GetTokenResponse, JwtBearerGrant, PasswordGrant,
+    TokenSource,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+
+/// The registered client; every other client id is a public client.
+const APP: &str = "app";
+
+fn config(upstream: &CountingUpstream, metrics: bool) -> String {
+    let metrics_listen = if metrics {
+        r#"metrics_listen = "127.0.0.1:0""#
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{metrics_listen}
+shutdown_grace_period = "2s"
+
+[upstream]
+base_url = "{upstream}"
+allow_insecure_http = true
+
+[clients]
+allow_public = true
+
+[[clients.registered]]
+client_id = "{APP}"
+client_secret = "app-secret"
+"#,
+        upstream = upstream.url(),
+    )
+}
+
+/// A tokengate with metrics on, its upstream, a client and the `/metrics` address.
+struct Setup {
+    upstream: CountingUpstream,
+    served: Tokengate,
+    client: TokenServiceClient<Channel>,
+    metrics: SocketAddr,
+}
+
+async fn start() -> Setup {
+    let upstream = CountingUpstream::start(Duration::ZERO);
+    let served = Tokengate::start(env!("CARGO_BIN_EXE_tokengate"), config(&upstream, true)).await;
+    let event = served
+        .wait_for(|e| message(e) == Some("serving metrics"))
+        .await;
+    let metrics = event["fields"]["addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a metrics line without addr: {event}"));
+    let client = TokenServiceClient::connect(served.url()).await.unwrap();
+    Setup {
+        upstream,
+        served,
+        client,
+        metrics,
+    }
+}
+
+impl Setup {
+    async fn get(&self, request: GetTokenRequest) -> Result<GetTokenResponse, Status> {
+        self.client
+            .clone()
+            .get_token(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `/metrics` as Prometheus text.
+    fn scrape(&self) -> String {
+        let reply = http_get(self.metrics, "/metrics", &[]).unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        reply.body
+    }
+}
+
+/// Every series an exposition holds (name and labels, without the value).
+fn series(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (series, _value) = line.rsplit_once(' ').expect("a sample line has a value");
+            series.to_owned()
+        })
+        .collect()
+}
+
+fn jwt(client_id: &str, subject: &str) -> GetTokenRequest {
+    use base64::Engine as _;
+    let part = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let assertion = format!(
+        "{}.{}.sig",
+        part(r#"{"alg":"none"}"#),
+        part(&format!(r#"{{"sub":"{subject}"}}"#))
+    );
+    GetTokenRequest {
+        grant: Some(Grant::JwtBearer(JwtBearerGrant { assertion })),
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+fn password(client_id: &str, username: &str) -> GetTokenRequest {
+    GetTokenRequest {
+        grant: Some(Grant::Password(PasswordGrant {
+            username: username.into(),
+            password: "pw".into(),
+            ..Default::default()
+        })),
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+fn client_credentials(client_id: &str) -> GetTokenRequest {
+    GetTokenRequest {
+        grant: Some(Grant::ClientCredentials(ClientCredentialsGrant {
+            subject: None,
+        })),
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+fn reason(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"))
+}
+
+/// The Go name of a code, as `grpc_code` carries it (only the codes this suite meets).
+fn go_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::Unavailable => "Unavailable",
+        Code::FailedPrecondition => "FailedPrecondition",
+        other => panic!("this suite does not expect {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_exposition_passes_promtool_and_speaks_openmetrics_when_asked() {
+    let setup = start().await;
+    setup.get(jwt(APP, "alice")).await.unwrap();
+    setup
+        .get(GetTokenRequest {
+            client_id: APP.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    let text = setup.scrape();
+    let linted = promtool_check_metrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(linted.trim().is_empty(), "promtool: {linted}");
+    for family in [
+        "tokengate_build_info{version=\"",
+        "grpc_server_started_total{",
+        "grpc_server_handled_total{",
+        "grpc_server_handling_seconds_bucket{",
+        "tokengate_token_requests_total{",
+        "tokengate_upstream_requests_total{",
+        "tokengate_upstream_request_duration_seconds_bucket{",
+        "tokengate_rate_limit_penalties ",
+        "tokengate_rate_limit_refusals_total ",
+        "tokengate_calls_in_flight ",
+        "tokengate_calls_queued ",
+        "tokengate_calls_shed_total ",
+        "tokengate_cache_lookups_total{",
+        "tokengate_cache_entries ",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(
+            text.lines().any(|line| line.starts_with(family)),
+            "no {family} in\n{text}"
+        );
+    }
+
+    // Prometheus' own Accept header, which asks for OpenMetrics first.
+    let accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                  version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let reply = http_get(setup.metrics, "/metrics", &[("Accept", accept)]).unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let open = reply.body;
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# TYPE grpc_server_handled counter\n"),
+        "{open}"
+    );
+
+    assert_eq!(http_get(setup.metrics, "/", &[]).unwrap().status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_stores_exactly_what_known_traffic_produced() {
+    let setup = start().await;
+    let prometheus = tokio::task::block_in_place(|| Prometheus::start(setup.metrics));
+
+    // A cache miss that goes upstream, then two hits.
+    let first = setup.get(jwt(APP, "alice")).await.unwrap();
+    assert_eq!(first.source(), TokenSource::Upstream);
+    for _ in 0..2 {
+        let hit = setup.get(jwt(APP, "alice")).await.unwrap();
+        assert_eq!(hit.source(), TokenSource::Cache);
+    }
+    // Refused locally before any lookup: no grant at all.
+    let invalid = setup
+        .get(GetTokenRequest {
+            client_id: APP.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    // The upstream answers 429 (an upstream error); the next call for the client is refused
+    // locally while the penalty holds.
+    setup.upstream.rate_limit_next(1, Duration::from_secs(3600));
+    let limited = setup.get(client_credentials(APP)).await.unwrap_err();
+    let refused = setup.get(client_credentials(APP)).await.unwrap_err();
+    assert_eq!(
+        setup.upstream.token_posts(),
+        2,
+        "{}",
+        setup.upstream.summary()
+    );
+
+    let traffic_done = SystemTime::now();
+    tokio::task::block_in_place(|| prometheus.wait_scraped_after(traffic_done));
+    let value = |promql: &str| tokio::task::block_in_place(|| prometheus.value(promql));
+    let exactly = |promql: &str, expected: f64| {
+        assert_eq!(value(promql), Some(expected), "{promql}");
+    };
+
+    let get_token =
+        r#"grpc_service="tokengate.v1.TokenService",grpc_method="GetToken",grpc_type="unary""#;
+    exactly(&format!("grpc_server_started_total{{{get_token}}}"), 6.0);
+    exactly(
+        &format!("grpc_server_handling_seconds_count{{{get_token}}}"),
+        6.0,
+    );
+    exactly(
+        &format!(r#"grpc_server_handled_total{{{get_token},grpc_code="OK"}}"#),
+        3.0,
+    );
+    let mut codes = std::collections::BTreeMap::new();
+    for status in [&invalid, &limited, &refused] {
+        *codes.entry(go_name(status.code())).or_insert(0.0) += 1.0;
+    }
+    for (code, count) in &codes {
+        exactly(
+            &format!(r#"grpc_server_handled_total{{{get_token},grpc_code="{code}"}}"#),
+            *count,
+        );
+    }
+    exactly(
+        &format!("sum(grpc_server_handled_total{{{get_token}}})"),
+        6.0,
+    );
+
+    // What each call handed to the layer.
+    let token_requests = |grant: &str, reason: &str, source: &str| {
+        format!(
+            r#"tokengate_token_requests_total{{grant_type="{grant}",client="{APP}",reason="{reason}",source="{source}"}}"#
+        )
+    };
+    exactly(&token_requests("jwt_bearer", "OK", "upstream"), 1.0);
+    exactly(&token_requests("jwt_bearer", "OK", "cache"), 2.0);
+    exactly(
+        &token_requests("unspecified", &reason(&invalid), "none"),
+        1.0,
+    );
+    if reason(&limited) == reason(&refused) {
+        exactly(
+            &token_requests("client_credentials", &reason(&limited), "none"),
+            2.0,
+        );
+    } else {
+        for status in [&limited, &refused] {
+            exactly(
+                &token_requests("client_credentials", &reason(status), "none"),
+                1.0,
+            );
+        }
+    }
+    exactly("sum(tokengate_token_requests_total)", 6.0);
+
+    // The upstream saw two token POSTs: a 200 and a 429.
+    exactly(
+        r#"tokengate_upstream_requests_total{endpoint="token",status="200"}"#,
+        1.0,
+    );
+    exactly(
+        r#"tokengate_upstream_requests_total{endpoint="token",status="429"}"#,
+        1.0,
+    );
+    exactly("sum(tokengate_upstream_requests_total)", 2.0);
+    exactly(
+        r#"tokengate_upstream_request_duration_seconds_count{endpoint="token"}"#,
+        2.0,
+    );
+    exactly(
+        r#"tokengate_upstream_request_duration_seconds_count{endpoint="revoke"}"#,
+        0.0,
+    );
+
+    // The 429's penalty holds, and it refused one request.
+    exactly("tokengate_rate_limit_penalties", 1.0);
+    exactly("tokengate_rate_limit_refusals_total", 1.0);
+    exactly("tokengate_calls_in_flight", 0.0);
+    exactly("tokengate_calls_queued", 0.0);
+    exactly("tokengate_calls_shed_total", 0.0);
+
+    // Lookups: alice's miss and two hits; both client_credentials calls missed (a 429 is
+    // not kept). One entry is kept: alice's.
+    exactly(r#"tokengate_cache_lookups_total{result="hit"}"#, 2.0);
+    exactly(r#"tokengate_cache_lookups_total{result="miss"}"#, 3.0);
+    for result in ["stale", "coalesced", "replayed"] {
+        exactly(
+            &format!(r#"tokengate_cache_lookups_total{{result="{result}"}}"#),
+            0.0,
+        );
+    }
+    exactly("tokengate_cache_entries", 1.0);
+    assert_eq!(value("tokengate_redis_up"), None, "no Redis, no redis_up");
+
+    exactly(
+        &format!(
+            r#"tokengate_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        ),
+        1.0,
+    );
+    exactly(r#"up{job="tokengate"}"#, 1.0);
+    let started = value("process_start_time_seconds").expect("process_start_time_seconds");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started <= now && started > now - 600.0,
+        "{started} vs {now}"
+    );
+    assert!(value("process_resident_memory_bytes").is_some_and(|b| b > 1e6));
+    assert!(value("process_open_fds").is_some_and(|n| n >= 3.0));
+    assert!(value("process_cpu_seconds_total").is_some_and(|s| s > 0.0));
+}
+
+#[tokio::test]
+async fn hundreds_of_users_and_public_clients_add_no_series() {
+    let setup = start().await;
+    // One call of each kind, so every series this traffic can touch exists.
+    setup.get(jwt(APP, "user-warm")).await.unwrap();
+    setup
+        .get(password("public-warm", "user-warm"))
+        .await
+        .unwrap();
+    let before = series(&setup.scrape());
+
+    const N: usize = 300;
+    for i in 0..N {
+        setup.get(jwt(APP, &format!("user-{i}"))).await.unwrap();
+        setup
+            .get(password(
+                &format!("caller-chosen-{i}"),
+                &format!("user-{i}"),
+            ))
+            .await
+            .unwrap();
+    }
+    let text = setup.scrape();
+    let after = series(&text);
+    assert_eq!(
+        after.symmetric_difference(&before).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "series moved"
+    );
+    assert!(
+        text.contains(&format!(
+            r#"tokengate_token_requests_total{{grant_type="password",client="public",reason="OK",source="upstream"}} {}"#,
+            N + 1
+        )),
+        "{text}"
+    );
+    assert_eq!(setup.upstream.token_posts(), 2 * N + 2);
+
+    // Logs name a registered client or `public`, never the caller's string.
+    let output = setup.served.output();
+    assert!(!output.contains("caller-chosen-"), "{output}");
+    assert!(output.contains(r#""client_id":"public""#), "{output}");
+}
+
+#[tokio::test]
+async fn without_metrics_listen_nothing_listens() {
+    let upstream = CountingUpstream::start(Duration::ZERO);
+    let served = Tokengate::start(env!("CARGO_BIN_EXE_tokengate"), config(&upstream, false)).await;
+    assert!(
+        !served.messages().iter().any(|m| m == "serving metrics"),
+        "{:?}",
+        served.messages()
+    );
+}
