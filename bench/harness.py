@@ -1,14 +1,25 @@
 #!/usr/bin/env python3
-"""tokengate's benchmark: tokengate against a tonic echo and a direct call, as same-run ratios.
+"""tokengate's benchmark: tokengate against a tonic echo, a minimal translator and a direct
+call, as same-run ratios; then the token broker's upstream POSTs per client call (broker.py).
 
 Run through bench/run, which builds the release binaries and this script's venv first.
-Placement (../shared/reference/performance.md §6): the system under test (tokengate or the
-echo) is pinned to SUT_CPU; h2load and the mock upstream share LOAD_CPU. The direct call to the
-upstream is made from SUT_CPU, so it crosses cores as tokengate's own upstream call does.
+Placement (../shared/reference/performance.md §6): the system under test (tokengate, the echo,
+the translator) is pinned to SUT_CPU; h2load, the mock upstream and Redis share LOAD_CPU. The
+direct call to the upstream is made from SUT_CPU, so it crosses cores as tokengate's own
+upstream call does.
 
-h2load cannot read grpc-status, so every run is checked: a real GetToken before and after it,
-no failed stream, a DATA byte count that only successful answers reach (an error is
-trailers-only), and, for tokengate, one upstream POST per call.
+The subjects: the echo (GetToken answered with a canned token: the ceiling for a gRPC service
+of this shape); the translator (the echo's server making one reqwest form POST per call and
+decoding the JSON: the floor for a call that goes upstream); tokengate forwarding (a registered
+client with `cache = false`, so every call goes upstream); tokengate answering cache hits, with
+the memory backend and with Redis behind it; optionally tokengate built from before the broker
+(`--before`); and the direct HTTP/1.1 call.
+
+h2load cannot read grpc-status, so every run is checked: a real GetToken before and after it
+(from the expected source), no failed stream, a DATA byte count that only successful answers
+reach (an error is trailers-only), and the upstream's POST count: exactly one per call for a
+forwarding subject, none at all for a cache hit or the echo. A cache-hit run against the Redis
+backend also counts Redis commands (health-check PINGs aside): a fresh local layer needs none.
 """
 
 from __future__ import annotations
@@ -18,27 +29,35 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
-TOKENGATE = RELEASE / "tokengate"
-BENCH = RELEASE / "tokengate-bench"
+import broker
+from procs import (BENCH, CACHED_CLIENT, CLIENT_SECRET, PASS_CLIENT, ROOT, TOKENGATE,
+                   BenchError, Foreign, Redis, Server, fetch, run, upstream_stats,
+                   working_commands, write_config)
+
 METHOD = "/tokengate.v1.TokenService/GetToken"
 GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-CLIENT_SECRET = "bench-secret-0123456789abcdef"
 SUT_CPU, LOAD_CPU = 1, 0
 HALF_RATE_CONNECTIONS = 16
+# Other processes' CPU (in cores) beyond which a timed run counts as disturbed; the kernel's
+# own threads stay well below it on a quiet machine.
+DISTURBED_CORES = 0.05
 TICKS = os.sysconf("SC_CLK_TCK")
+# The subjects, in the order of the first round (later rounds rotate it).
+SUBJECTS = ["echo", "translator", "tokengate", "hit", "hit_redis", "before", "direct"]
+LABELS = {"echo": "tonic echo (no upstream)", "translator": "minimal translator → upstream",
+          "tokengate": "tokengate forwarding (cache = false) → upstream",
+          "hit": "tokengate cache hit (memory)", "hit_redis": "tokengate cache hit (Redis backend)",
+          "before": "tokengate before the broker → upstream",
+          "direct": "direct HTTP/1.1 call to the upstream"}
 
 
 @dataclass
@@ -60,110 +79,30 @@ class Settings:
                    inflight_s=2, startup_runs=3)
 
 
-class BenchError(RuntimeError):
-    """A run that did not measure what it claims to; the harness stops on it."""
+@dataclass
+class Subject:
+    """A gRPC server under test, the request it gets, and what a valid run of it looks like."""
+
+    name: str
+    # The process that serves it (several subjects may share one).
+    proc: str
+    frame: Path
+    client: str
+    # The `source` its answers must carry (None: not checked; the echo sets none).
+    source: str | None
+    # "one": exactly one upstream POST per call; "none": no POST at all.
+    posts: str
+    redis: Redis | None = None
+    server: Server | None = None
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes
-
-
-class Server:
-    """A pinned child process whose stdout is drained (tokengate logs every call to stdout, and a
-    full pipe would stall it) and searched for the address it listens on."""
-
-    def __init__(self, name: str, argv: list[str], cpu: int):
-        self.name = name
-        self.proc = subprocess.Popen(["taskset", "-c", str(cpu), *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self.addr: str | None = None
-        self._seen = threading.Event()
-        self._head: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._seen.wait(15) or self.addr is None:
-            self.stop()
-            raise BenchError(f"{name} did not start: {' '.join(self._head)[-2000:]}")
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        pending = b""
-        while chunk := os.read(self.proc.stdout.fileno(), 1 << 16):
-            if self.addr is None:
-                pending += chunk
-                text = pending.decode(errors="replace")
-                self._head.append(text)
-                if m := re.search(r"127\.0\.0\.1:(\d+)", text):
-                    self.addr = f"127.0.0.1:{m.group(1)}"
-                    self._seen.set()
-        self._seen.set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid  # taskset execs the command, so this is the server itself
-
-    def cpu_ticks(self) -> int:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-    def status(self, key: str) -> int:
-        """A /proc/PID/status figure in KiB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise BenchError(f"no {key} for {self.name}")
-
-    def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def run(argv: list[str], cpu: int | None = None, **kwargs) -> str:
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu), *argv]
-    done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(map(str, argv))} failed:\n{done.stdout}{done.stderr}")
-    return done.stdout
-
-
-def check(server: Server) -> int:
+def check(subject: Subject) -> int:
     """One real GetToken; returns the response frame size."""
-    return int(run([str(BENCH), "check", "--addr", f"http://{server.addr}"], cpu=LOAD_CPU))
-
-
-def fetch(url: str, method: str = "GET") -> bytes:
-    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
-        return r.read()
-
-
-def upstream_stats(upstream: Server) -> dict:
-    return json.loads(fetch(f"http://{upstream.addr}/stats"))
-
-
-def write_config(path: Path, upstream: Server, max_connections: int | None = None) -> Path:
-    limit = "" if max_connections is None else f"max_connections = {max_connections}\n"
-    path.write_text(f"""\
-[server]
-listen = "127.0.0.1:0"
-
-[upstream]
-base_url = "http://{upstream.addr}"
-allow_insecure_http = true
-{limit}
-[[clients.registered]]
-client_id = "bench-app"
-client_secret = "{CLIENT_SECRET}"
-default = true
-""")
-    return path
+    argv = [str(BENCH), "check", "--addr", f"http://{subject.server.addr}",
+            "--client", subject.client]
+    if subject.source:
+        argv += ["--source", subject.source]
+    return int(run(argv, cpu=LOAD_CPU))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +119,12 @@ class Load:
     errored: int
     rps: float
     data_bytes: int
+    started: int = 0
     latencies_us: list[int] = field(default_factory=list)
+    # Redis commands (health-check PINGs aside) during the run, when Redis was behind it.
+    redis_commands: int | None = None
+    # Cores' worth of CPU that processes other than the benchmark's used during the run.
+    foreign_cores: float = 0.0
 
 
 def parse_h2load(out: str) -> Load:
@@ -199,6 +143,7 @@ def parse_h2load(out: str) -> Load:
         errored=int(num(r"(\d+) errored")),
         rps=num(r"finished in [\d.]+m?s, ([\d.]+) req/s"),
         data_bytes=int(num(r"traffic: .*\((\d+)\) data")),
+        started=int(num(r"(\d+) started")),
     )
 
 
@@ -232,6 +177,18 @@ def verify(load: Load, url: str, min_bytes_per_call: int) -> None:
                          f"calls; some answers were not tokens")
 
 
+def verify_posts(name: str, expect: str, posts: int, load: Load) -> None:
+    """The upstream's POST count during a run. "one": every finished call made exactly one
+    (calls that h2load started but cut off at its deadline may have made theirs too, so up
+    to `started`); "none": not one, so every answer came from the cache (or the echo)."""
+    if expect == "one" and not load.done <= posts <= load.started:
+        raise BenchError(f"{name}: {load.done} calls ({load.started} started) but {posts} "
+                         f"upstream POSTs; a forwarding run makes one per call")
+    if expect == "none" and posts:
+        raise BenchError(f"{name}: {posts} upstream POSTs during {load.done} calls that should "
+                         f"all be answered without one")
+
+
 def h2load(url: str, cpu: int, args: list[str], headers: list[str], body: Path,
            min_bytes_per_call: int, log: Path | None = None) -> Load:
     argv = ["h2load", "-t1", *args, *headers, "-d", str(body)]
@@ -247,21 +204,76 @@ def h2load(url: str, cpu: int, args: list[str], headers: list[str], body: Path,
 
 
 class Bench:
-    def __init__(self, settings: Settings, work: Path):
+    """The subjects' processes, started afresh every round: one process's memory layout can
+    make it a few per cent faster or slower than the next one of the same binary, so each
+    round measures new instances and the rounds' medians spread that over five of each."""
+
+    def __init__(self, settings: Settings, work: Path, before: Path | None = None,
+                 foreign: Foreign | None = None):
         self.s = settings
         self.work = work
-        self.frame = work / "request.grpc"
-        run([str(BENCH), "frame", str(self.frame)])
+        self.foreign = foreign
+        self.live: dict[str, Server] = {}
+        self.redis: Redis | None = None
+        self.upstream: Server | None = None
+        try:
+            self._start(before)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, before: Path | None) -> None:
+        work = self.work
+        frames = {}
+        for client in (PASS_CLIENT, CACHED_CLIENT):
+            frames[client] = work / f"{client}.grpc"
+            run([str(BENCH), "frame", str(frames[client]), "--client", client])
         self.upstream = Server("upstream", [str(BENCH), "upstream"], LOAD_CPU)
-        self.config = write_config(work / "tokengate.toml", self.upstream)
-        self.tokengate = Server("tokengate", [str(TOKENGATE), "serve", "--config", str(self.config)],
-                                SUT_CPU)
-        self.rss_idle_kib = self.tokengate.status("VmRSS")
-        self.rss_idle_anon_kib = self.tokengate.status("RssAnon")
-        self.echo = Server("echo", [str(BENCH), "echo"], SUT_CPU)
-        self.echo_rss_idle_kib = self.echo.status("VmRSS")
-        self.frame_bytes = {s.name: check(s) for s in (self.tokengate, self.echo)}
-        # The direct call replays, byte for byte, the POST tokengate just made.
+        self.redis = Redis(cpu=LOAD_CPU)
+        key = work / "cache.key"
+        key.write_bytes(os.urandom(32))
+        serve = lambda config: [str(TOKENGATE), "serve", "--config", str(config)]  # noqa: E731
+        # name → argv and what to wait for once it listens
+        self.specs: dict[str, tuple[list[str], tuple[str, ...]]] = {
+            "tokengate": (serve(write_config(work / "tokengate.toml", self.upstream)), ()),
+            "tokengate (redis)": (serve(write_config(
+                work / "redis.toml", self.upstream,
+                cache={"backend": "redis", "key_file": str(key), "redis_url": self.redis.url})),
+                (broker.JOINED,)),
+            "echo": ([str(BENCH), "echo"], ()),
+            "translator": ([str(BENCH), "translator", "--token-url",
+                            f"http://{self.upstream.addr}/restapi/oauth/token",
+                            "--client-id", PASS_CLIENT, "--client-secret", CLIENT_SECRET], ()),
+        }
+        subjects = [
+            Subject("tokengate", "tokengate", frames[PASS_CLIENT], PASS_CLIENT, "upstream", "one"),
+            Subject("echo", "echo", frames[PASS_CLIENT], PASS_CLIENT, None, "none"),
+            Subject("translator", "translator", frames[PASS_CLIENT], PASS_CLIENT, None, "one"),
+            Subject("hit", "tokengate", frames[CACHED_CLIENT], CACHED_CLIENT, "cache", "none"),
+            Subject("hit_redis", "tokengate (redis)", frames[CACHED_CLIENT], CACHED_CLIENT,
+                    "cache", "none", self.redis),
+        ]
+        if before is not None:
+            config = write_config(work / "before.toml", self.upstream, broker=False)
+            self.specs["before"] = ([str(before), "serve", "--config", str(config)], ())
+            subjects.append(Subject("before", "before", frames[PASS_CLIENT], PASS_CLIENT, None,
+                                    "one"))
+        self.subjects = {s.name: s for s in subjects}
+
+        tokengate = self._launch("tokengate")
+        self.rss_idle_kib = tokengate.status("VmRSS")
+        self.rss_idle_anon_kib = tokengate.status("RssAnon")
+        # tokengate's first POST, before any other subject's: the direct call replays it.
+        self.frame_bytes = {"tokengate": check(self.subjects["tokengate"])}
+        for name in self.specs:
+            if name != "tokengate":
+                self._launch(name)
+        self.echo_rss_idle_kib = self.live["echo"].status("VmRSS")
+        self._prime()
+        for subject in subjects:
+            self.frame_bytes[subject.name] = check(subject)
+
+        # The direct call replays, byte for byte, the POST tokengate made first.
         first = json.loads(fetch(f"http://{self.upstream.addr}/first-request"))
         self.direct_body = work / "direct.form"
         self.direct_body.write_text(first["body"])
@@ -270,72 +282,131 @@ class Bench:
                                "-H", f"authorization: {first['authorization']}"]
         self.token_bytes = len(fetch(self.direct_url, "POST"))
 
+    def _launch(self, name: str) -> Server:
+        argv, watch = self.specs[name]
+        server = Server(name, argv, SUT_CPU, watch=watch)
+        self.live[name] = server
+        for w in watch:
+            server.wait_for(w)
+        for subject in self.subjects.values():
+            if subject.proc == name:
+                subject.server = server
+        return server
+
+    def _prime(self) -> None:
+        """A cache-hit subject's first call fills the cache (or, with Redis, may already
+        find the previous instance's entry there)."""
+        for subject in self.subjects.values():
+            if subject.source == "cache":
+                check(Subject(**{**subject.__dict__, "source": None}))
+
+    def restart(self) -> None:
+        """New instances of every subject (the upstream and Redis stay)."""
+        for name in list(self.live):
+            self.live.pop(name).stop()
+            self._launch(name)
+        self._prime()
+
     def close(self) -> None:
-        for server in (self.tokengate, self.echo, self.upstream):
+        for server in reversed(list(self.live.values())):
             server.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    @property
+    def order(self) -> list[str]:
+        return [name for name in SUBJECTS if name in self.subjects or name == "direct"]
 
     # One call of each kind of run --------------------------------------------------------------
 
-    def grpc(self, server: Server, args: list[str], log: Path | None = None) -> Load:
+    def grpc(self, subject: Subject, args: list[str], log: Path | None = None) -> Load:
         """An h2load run against a gRPC server, checked before, during and after."""
-        check(server)
+        check(subject)
         posts = upstream_stats(self.upstream)["posts"]
-        load = h2load(f"http://{server.addr}{METHOD}", LOAD_CPU, args, GRPC_HEADERS, self.frame,
-                      self.frame_bytes[server.name] - 16, log)
-        if server is self.tokengate:
-            sent = upstream_stats(self.upstream)["posts"] - posts
-            if sent < load.done:
-                raise BenchError(f"{load.done} calls but only {sent} upstream POSTs")
-        check(server)
+        commands = working_commands(subject.redis.commandstats()) if subject.redis else 0
+        load = self.watched(lambda: h2load(
+            f"http://{subject.server.addr}{METHOD}", LOAD_CPU, args, GRPC_HEADERS, subject.frame,
+            self.frame_bytes[subject.name] - 16, log))
+        sent = upstream_stats(self.upstream)["posts"] - posts
+        if subject.redis:
+            load.redis_commands = working_commands(subject.redis.commandstats()) - commands
+        verify_posts(subject.name, subject.posts, sent, load)
+        check(subject)
         return load
 
     def direct(self, args: list[str], log: Path) -> Load:
-        return h2load(self.direct_url, SUT_CPU, ["--h1", *args], self.direct_headers,
-                      self.direct_body, self.token_bytes, log)
+        return self.watched(lambda: h2load(self.direct_url, SUT_CPU, ["--h1", *args],
+                                           self.direct_headers, self.direct_body,
+                                           self.token_bytes, log))
 
-    def saturate(self, server: Server) -> dict:
+    def watched(self, measure) -> Load:
+        """Runs `measure` and notes how much CPU other processes used meanwhile."""
+        if self.foreign is None:
+            return measure()
+        cpu, wall = self.foreign.seconds(), time.monotonic()
+        load = measure()
+        load.foreign_cores = (self.foreign.seconds() - cpu) / (time.monotonic() - wall)
+        return load
+
+    def saturate(self, subject: Subject) -> dict:
         """Closed-loop saturation: req/s, and the server's CPU per call from /proc."""
         busy0 = core_busy()
-        ticks = server.cpu_ticks()
-        load = self.grpc(server, ["-c4", "-m32", f"-D{self.s.saturation_s}"])
-        ticks = server.cpu_ticks() - ticks
+        ticks = subject.server.cpu_ticks()
+        load = self.grpc(subject, ["-c4", "-m32", f"-D{self.s.saturation_s}"])
+        ticks = subject.server.cpu_ticks() - ticks
         busy = core_busy(busy0)
-        return {"rps": load.rps, "calls": load.done,
-                "cpu_us_per_call": ticks / TICKS * 1e6 / load.done,
-                "sut_core_busy": busy[SUT_CPU], "load_core_busy": busy[LOAD_CPU]}
+        out = {"rps": load.rps, "calls": load.done,
+               "cpu_us_per_call": ticks / TICKS * 1e6 / load.done,
+               "sut_core_busy": busy[SUT_CPU], "load_core_busy": busy[LOAD_CPU],
+               "foreign_cores": load.foreign_cores}
+        if load.redis_commands is not None:
+            out["redis_commands"] = load.redis_commands
+        return out
 
-    def latency(self, which: str, log: Path) -> list[int]:
+    def latency(self, name: str, log: Path) -> Load:
         args = ["-c1", "-m1", f"-n{self.s.latency_calls}"]
-        if which == "direct":
-            return self.direct(args, log).latencies_us
-        return self.grpc(getattr(self, which), args, log).latencies_us
+        if name == "direct":
+            return self.direct(args, log)
+        return self.grpc(self.subjects[name], args, log)
 
     # The whole benchmark ----------------------------------------------------------------------
 
+    def warm_up(self, log: Path) -> None:
+        warm = [f"-D{self.s.warmup_s}", "-c4", "-m32"]
+        for subject in self.subjects.values():
+            self.grpc(subject, warm)
+        self.direct(warm, log)
+
     def measure(self) -> dict:
         s = self.s
-        warm = [f"-D{s.warmup_s}", "-c4", "-m32"]
-        self.grpc(self.echo, warm)
-        self.grpc(self.tokengate, warm)
-        self.direct(warm, self.work / "warm.log")
-
-        order = ["echo", "tokengate", "direct"]
+        order = self.order
         rounds = []
         pooled: dict[str, list[int]] = {name: [] for name in order}
         for r in range(s.rounds):
-            result = {"latency": {}, "saturation": {}}
-            for name in order[r % 3:] + order[:r % 3]:  # rotate so drift spreads evenly
-                lat = self.latency(name, self.work / f"{name}-{r}.log")
+            if r:
+                self.restart()
+            self.warm_up(self.work / f"warm-{r}.log")
+            result: dict = {"latency": {}, "saturation": {}, "redis_commands": {},
+                            "foreign_cores": {}}
+            k = r % len(order)
+            for name in order[k:] + order[:k]:  # rotate so drift spreads evenly
+                load = self.latency(name, self.work / f"{name}-{r}.log")
+                lat = load.latencies_us
                 pooled[name] += lat
                 result["latency"][name] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+                result["foreign_cores"][f"{name}_latency"] = load.foreign_cores
+                if load.redis_commands is not None:
+                    result["redis_commands"][f"{name}_latency"] = [load.redis_commands, len(lat)]
                 if name != "direct":
-                    result["saturation"][name] = self.saturate(getattr(self, name))
-            lat = result["latency"]
-            result["added"] = {p: lat["tokengate"][p] - lat["echo"][p] - lat["direct"][p]
-                               for p in ("p50", "p99")}
-            sat = result["saturation"]
-            result["cpu_ratio"] = (sat["echo"]["cpu_us_per_call"]
-                                   / sat["tokengate"]["cpu_us_per_call"])
+                    sat = self.saturate(self.subjects[name])
+                    result["saturation"][name] = sat
+                    result["foreign_cores"][f"{name}_saturation"] = sat["foreign_cores"]
+                    if "redis_commands" in sat:
+                        result["redis_commands"][f"{name}_saturation"] = [sat["redis_commands"],
+                                                                         sat["calls"]]
+            derive(result)
             rounds.append(result)
             print(f"round {r + 1}/{s.rounds}: {json.dumps(result)}", flush=True)
 
@@ -345,7 +416,7 @@ class Bench:
             # One stream per connection: h2load's rate timer sends a connection's streams in
             # bursts, which would measure its own queueing rather than the server's.
             per_conn = max(1, round(rate / HALF_RATE_CONNECTIONS))
-            load = self.grpc(getattr(self, name),
+            load = self.grpc(self.subjects[name],
                              [f"-c{HALF_RATE_CONNECTIONS}", "-m1", f"--rps={per_conn}",
                               f"-D{s.half_rate_s}"],
                              self.work / f"half-{name}.log")
@@ -354,13 +425,31 @@ class Bench:
                           "p99": percentile(load.latencies_us, 99)}
         print(f"half saturation: {json.dumps(half)}", flush=True)
 
-        rss_after_kib = self.tokengate.status("VmRSS")
+        tokengate = self.live["tokengate"]
+        rss_after_kib = tokengate.status("VmRSS")
         return {"rounds": rounds, "half": half, "pooled_latency_us": pooled,
                 "rss": {"tokengate_idle_kib": self.rss_idle_kib,
                         "tokengate_idle_anon_kib": self.rss_idle_anon_kib,
                         "tokengate_after_load_kib": rss_after_kib,
                         "echo_idle_kib": self.echo_rss_idle_kib,
-                        "tokengate_threads": self.tokengate.threads()}}
+                        "tokengate_threads": tokengate.threads()}}
+
+
+def derive(result: dict) -> None:
+    """A round's ratios, from its latency and saturation figures (in place)."""
+    lat, sat = result["latency"], result["saturation"]
+    cpu = {name: x["cpu_us_per_call"] for name, x in sat.items()}
+    result["added"] = {p: lat["tokengate"][p] - lat["echo"][p] - lat["direct"][p]
+                       for p in ("p50", "p99")}
+    result["cpu_ratio"] = cpu["echo"] / cpu["tokengate"]
+    result["vs_translator"] = {"cpu_ratio": cpu["translator"] / cpu["tokengate"],
+                               "p50_delta": lat["tokengate"]["p50"] - lat["translator"]["p50"]}
+    result["hit_vs_echo"] = {name: {"cpu_ratio": cpu["echo"] / cpu[name],
+                                    "p50_delta": lat[name]["p50"] - lat["echo"]["p50"]}
+                             for name in ("hit", "hit_redis")}
+    if "before" in cpu:
+        result["vs_before"] = {"cpu_ratio": cpu["before"] / cpu["tokengate"],
+                               "p50_delta": lat["tokengate"]["p50"] - lat["before"]["p50"]}
 
 
 def core_busy(since: dict | None = None) -> dict:
@@ -378,14 +467,17 @@ def core_busy(since: dict | None = None) -> dict:
 def inflight(settings: Settings, work: Path, max_connections: int | None) -> dict:
     """RSS with 1,000 calls in flight: a slow upstream holds every call inside tokengate.
     `max_connections` None keeps tokengate's default (so most calls wait for a connection);
-    1000 lets every call have its own upstream connection at once."""
+    1000 lets every call have its own upstream connection at once. The calls are the
+    pass-through client's: identical cached calls would share one upstream call."""
     upstream = Server("slow upstream", [str(BENCH), "upstream", "--delay", settings.inflight_delay],
                       LOAD_CPU)
-    config = write_config(work / "inflight.toml", upstream, max_connections)
+    config = write_config(work / "inflight.toml", upstream, max_connections=max_connections)
     tokengate = Server("tokengate", [str(TOKENGATE), "serve", "--config", str(config)], SUT_CPU)
     try:
-        frame = work / "request.grpc"
-        min_frame = check(tokengate) - 16
+        frame = work / f"{PASS_CLIENT}.grpc"
+        subject = Subject("tokengate", "tokengate", frame, PASS_CLIENT, "upstream", "one",
+                          server=tokengate)
+        min_frame = check(subject) - 16
         peak = 0
         stop = threading.Event()
 
@@ -413,7 +505,7 @@ def inflight(settings: Settings, work: Path, max_connections: int | None) -> dic
         # Read before the next check: calls cut off by h2load's exit give their connections
         # back while the upstream still sleeps on them.
         most = upstream_stats(upstream)["max_in_flight"]
-        check(tokengate)
+        check(subject)
         return {"calls": load.done, "max_in_flight_upstream": most, "rss_peak_kib": peak,
                 "hwm_kib": tokengate.status("VmHWM"), "max_connections": max_connections}
     finally:
@@ -447,73 +539,140 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
             f"({fmt.format(min(values))}–{fmt.format(max(values))})")
 
 
+def source_commit() -> str:
+    """The commit the binaries are built from, `+dirty` when the product's sources differ from
+    it (read at the start: a commit made during a long run does not relabel it)."""
+    git = ["git", "--no-optional-locks", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src", "proto", "build.rs",
+                            "Cargo.toml", "Cargo.lock"], capture_output=True, text=True).stdout
+    return (commit or "unknown") + ("+dirty" if dirty.strip() else "")
+
+
 def environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                "unknown")
     governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": platform.release(), "cpu": cpu, "nproc": os.cpu_count(),
             "governor": governor.read_text().strip() if governor.exists() else "n/a",
-            "commit": commit or "unknown",
             "h2load": run(["h2load", "--version"]).split("\n")[0]}
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def table(results: dict) -> str:
     rounds = results["rounds"]
     env, s = results["environment"], results["settings"]
     col = lambda f: [f(r) for r in rounds]  # noqa: E731
-    t_cpu = col(lambda r: r["saturation"]["tokengate"]["cpu_us_per_call"])
-    e_cpu = col(lambda r: r["saturation"]["echo"]["cpu_us_per_call"])
-    ratio = col(lambda r: r["cpu_ratio"])
+    cpu = lambda who: col(lambda r: r["saturation"][who]["cpu_us_per_call"])  # noqa: E731
+    rps = lambda who: spread(col(lambda r: r["saturation"][who]["rps"]), "{:.0f}")  # noqa: E731
     lat = lambda who, p: col(lambda r: r["latency"][who][p])  # noqa: E731
     added = lambda p: col(lambda r: r["added"][p])  # noqa: E731
+    ratio = col(lambda r: r["cpu_ratio"])
+    fwd_cpu = col(lambda r: r["vs_translator"]["cpu_ratio"])
+    fwd_p50 = col(lambda r: r["vs_translator"]["p50_delta"])
+    hit = lambda who, k: col(lambda r: r["hit_vs_echo"][who][k])  # noqa: E731
     half = results["half"]
     rss = results["rss"]
     inf = results["inflight"]
     unc = results["inflight_uncapped"]
     st = results["startup"]
     mib = lambda kib: f"{kib / 1024:.1f}"  # noqa: E731
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "**missed**"
+    commands, hits = redis_per_hit(rounds)
+    per_1000_hits = commands * 1000 / hits if hits else float("nan")
 
     rows = [
-        ("Throughput per core vs echo (echo CPU/call ÷ tokengate CPU/call)",
-         spread(ratio, "{:.2f}") + "×", "≥ 0.6×", verdict(statistics.median(ratio) >= 0.6)),
-        ("CPU per call at saturation, tokengate / echo (µs)",
-         f"{spread(t_cpu)} / {spread(e_cpu)}", "", ""),
-        ("req/s at saturation, tokengate / echo (second core shared)",
-         f"{spread(col(lambda r: r['saturation']['tokengate']['rps']), '{:.0f}')} / "
-         f"{spread(col(lambda r: r['saturation']['echo']['rps']), '{:.0f}')}", "", ""),
-        ("Added latency p50, one call at a time (µs)", spread(added("p50")), "≤ 60",
-         verdict(statistics.median(added("p50")) <= 60)),
-        ("Added latency p99, one call at a time (µs)", spread(added("p99")), "≤ 250",
-         verdict(statistics.median(added("p99")) <= 250)),
-        ("… from p50 tokengate / echo / direct call (µs)",
-         f"{spread(lat('tokengate', 'p50'))} / {spread(lat('echo', 'p50'))} / "
-         f"{spread(lat('direct', 'p50'))}", "", ""),
-        ("… from p99 tokengate / echo / direct call (µs)",
-         f"{spread(lat('tokengate', 'p99'))} / {spread(lat('echo', 'p99'))} / "
-         f"{spread(lat('direct', 'p99'))}", "", ""),
-        (f"p99 at half saturation, tokengate at {half['tokengate']['rps']:.0f} req/s "
+        ("**Forwarding** (a client with `cache = false`): throughput per core vs the minimal "
+         "translator (translator CPU/call ÷ tokengate CPU/call)",
+         spread(fwd_cpu, "{:.2f}") + "×", "≥ 0.9×", verdict(median(fwd_cpu) >= 0.9)),
+        ("… p50 over the translator's, one call at a time (µs)", spread(fwd_p50, "{:+.1f}"),
+         "≤ +15", verdict(median(fwd_p50) <= 15)),
+        ("… CPU per call at saturation, tokengate / translator / echo (µs)",
+         f"{spread(cpu('tokengate'))} / {spread(cpu('translator'))} / {spread(cpu('echo'))}",
+         "", ""),
+        ("… req/s at saturation, tokengate / translator / echo (second core shared)",
+         f"{rps('tokengate')} / {rps('translator')} / {rps('echo')}", "", ""),
+    ]
+    if all("vs_before" in r for r in rounds):
+        b_cpu = col(lambda r: r["vs_before"]["cpu_ratio"])
+        b_p50 = col(lambda r: r["vs_before"]["p50_delta"])
+        rows += [
+            (f"… the broker on a pass-through call: CPU/call before it ÷ with it (tokengate "
+             f"{results.get('before_rev', 'before the broker')}; CPU per call "
+             f"{spread(cpu('before'))} µs)", spread(b_cpu, "{:.2f}") + "×",
+             "≥ 0.97× (nothing measurable)", verdict(median(b_cpu) >= 0.97)),
+            ("… p50 with the broker over p50 before it (µs)", spread(b_p50, "{:+.1f}"),
+             "≤ +5 (nothing measurable)", verdict(median(b_p50) <= 5)),
+        ]
+    else:
+        rows.append(("… the broker on a pass-through call, against tokengate built from before "
+                     "it", "not measured (bench/run --before REV)", "nothing measurable", ""))
+    rows += [
+        ("… throughput per core vs echo (echo CPU/call ÷ tokengate CPU/call)",
+         spread(ratio, "{:.2f}") + "×", "≥ 0.6×", verdict(median(ratio) >= 0.6)),
+        ("… added latency p50 (tokengate − echo − direct call), one call at a time (µs)",
+         spread(added("p50")), "≤ 60", verdict(median(added("p50")) <= 60)),
+        ("… added latency p99, one call at a time (µs)", spread(added("p99")), "≤ 250",
+         verdict(median(added("p99")) <= 250)),
+        ("… p50 tokengate / translator / echo / direct call (µs)",
+         f"{spread(lat('tokengate', 'p50'))} / {spread(lat('translator', 'p50'))} / "
+         f"{spread(lat('echo', 'p50'))} / {spread(lat('direct', 'p50'))}", "", ""),
+        ("… p99 tokengate / translator / echo / direct call (µs)",
+         f"{spread(lat('tokengate', 'p99'))} / {spread(lat('translator', 'p99'))} / "
+         f"{spread(lat('echo', 'p99'))} / {spread(lat('direct', 'p99'))}", "", ""),
+        (f"… p99 at half saturation, tokengate at {half['tokengate']['rps']:.0f} req/s "
          f"(echo at {half['echo']['rps']:.0f}) (µs)",
          f"{half['tokengate']['p99']:.0f} (echo {half['echo']['p99']:.0f}; "
          f"p50 {half['tokengate']['p50']:.0f})", "", ""),
-        ("RSS idle (MiB)", f"{mib(rss['tokengate_idle_kib'])}, of which heap and stacks "
-         f"{mib(rss['tokengate_idle_anon_kib'])} (echo "
-         f"{mib(rss['echo_idle_kib'])}; after the load {mib(rss['tokengate_after_load_kib'])})",
+        ("**Cache hit**, memory backend: throughput per core vs echo (echo CPU/call ÷ hit "
+         "CPU/call)", spread(hit("hit", "cpu_ratio"), "{:.2f}") + "×", "≥ 0.8×",
+         verdict(median(hit("hit", "cpu_ratio")) >= 0.8)),
+        ("… with the Redis backend (local layer fresh)",
+         spread(hit("hit_redis", "cpu_ratio"), "{:.2f}") + "×", "≥ 0.8×",
+         verdict(median(hit("hit_redis", "cpu_ratio")) >= 0.8)),
+        ("… CPU per call at saturation, hit / hit with Redis / echo (µs)",
+         f"{spread(cpu('hit'))} / {spread(cpu('hit_redis'))} / {spread(cpu('echo'))}", "", ""),
+        ("… req/s at saturation, hit / hit with Redis / echo (second core shared)",
+         f"{rps('hit')} / {rps('hit_redis')} / {rps('echo')}", "", ""),
+        ("… p50 one call at a time, hit / hit with Redis / echo (µs)",
+         f"{spread(lat('hit', 'p50'))} / {spread(lat('hit_redis', 'p50'))} / "
+         f"{spread(lat('echo', 'p50'))}", "", ""),
+        ("… p50 over the echo's, hit / hit with Redis (µs)",
+         f"{spread(hit('hit', 'p50_delta'), '{:+.1f}')} / "
+         f"{spread(hit('hit_redis', 'p50_delta'), '{:+.1f}')}", "", ""),
+        (f"… Redis commands per 1,000 hits with Redis behind (health-check PINGs aside; "
+         f"{commands} in {hits:,} hits)", f"{per_1000_hits:.3g}", "0",
+         verdict(commands == 0 and hits > 0)),
+        ("**Memory**: RSS idle (MiB)", f"{mib(rss['tokengate_idle_kib'])}, of which heap and "
+         f"stacks {mib(rss['tokengate_idle_anon_kib'])} (echo {mib(rss['echo_idle_kib'])}; "
+         f"after a round of load {mib(rss['tokengate_after_load_kib'])})",
          "≤ 8", verdict(rss["tokengate_idle_kib"] <= 8 * 1024)),
-        (f"RSS with 1,000 calls in flight (MiB; default max_connections, so the upstream had "
+        (f"… with 1,000 calls in flight (MiB; default max_connections, so the upstream had "
          f"{inf['max_in_flight_upstream']} at once)", mib(inf["rss_peak_kib"]), "≤ 40",
          verdict(inf["rss_peak_kib"] <= 40 * 1024)),
         (f"… with max_connections = 1000 (the upstream had {unc['max_in_flight_upstream']} at "
          f"once) (MiB)", mib(unc["rss_peak_kib"]), "", ""),
-        ("exec → SERVING (ms)", f"{spread(st['tokengate'], '{:.1f}')} (echo "
-         f"{spread(st['echo'], '{:.1f}')})", "≤ 20", verdict(statistics.median(st["tokengate"]) <= 20)),
     ]
+    if fill := results.get("broker", {}).get("fill"):
+        rows.append((
+            f"… with {fill['entries']:,} cached entries (distinct client_credentials accounts, "
+            f"~1 KB token pair each; {fill['hits_on_reread']:,} hits on re-reading them all) "
+            f"(MiB)", f"{mib(fill['rss_kib'])}, of which heap {mib(fill['anon_kib'])}: "
+            f"{fill['bytes_per_entry'] / 1024:.2f} KiB per entry over idle "
+            f"{mib(fill['idle_kib'])}", "", "" if fill["met"] else
+            "**invalid**: " + "; ".join(fill["problems"])))
+    rows.append(("exec → SERVING (ms)", f"{spread(st['tokengate'], '{:.1f}')} (echo "
+                 f"{spread(st['echo'], '{:.1f}')})", "≤ 20",
+                 verdict(median(st["tokengate"]) <= 20)))
     lines = [
         "| figure | measured: median (min–max) | target | |",
         "|---|---|---|---|",
@@ -522,14 +681,39 @@ def table(results: dict) -> str:
         f"{s['rounds']} interleaved rounds; saturation {s['saturation_s']} s at 4 connections × "
         f"32 streams; {s['latency_calls']} sequential calls per latency run. "
         f"tokengate {env['commit']}, {env['date']}; {env['cpu']}, {env['nproc']} CPUs, kernel "
-        f"{env['kernel']}, governor {env['governor']}; {env['h2load']}. System under test on CPU "
-        f"{SUT_CPU}; h2load and the upstream on CPU {LOAD_CPU}; tokengate ran "
-        f"{rss['tokengate_threads']} threads.",
+        f"{env['kernel']}, governor {env['governor']}; {env['h2load']}; load average "
+        f"{env.get('load_before', 'n/a')} at the start. System under test on CPU {SUT_CPU}; "
+        f"h2load, the upstream and Redis on CPU {LOAD_CPU}; tokengate ran "
+        f"{rss['tokengate_threads']} threads. {disturbance(rounds)}",
     ]
+    if "broker" in results:
+        lines += ["", "Upstream POSTs per 1,000 client calls (the token broker):", "",
+                  broker.table(results["broker"]).rstrip("\n")]
     if results.get("smoke"):
         lines.insert(0, "**Smoke run: too short to mean anything; it only shows the harness "
                         "works.**\n")
     return "\n".join(lines) + "\n"
+
+
+def disturbance(rounds: list[dict]) -> str:
+    """How much other processes ran during the timed runs, in words."""
+    values = [v for r in rounds for v in r.get("foreign_cores", {}).values()]
+    if not values:
+        return ""
+    disturbed = sum(v > DISTURBED_CORES for v in values)
+    return (f"Other processes on the machine used {median(values):.2f} of a core (median; at "
+            f"most {max(values):.2f}) during the timed runs; {disturbed} of {len(values)} runs "
+            f"were above {DISTURBED_CORES} of a core.")
+
+
+def redis_per_hit(rounds: list[dict]) -> tuple[int, int]:
+    """Redis commands (PINGs aside) and hits, summed over every hit run with Redis behind."""
+    commands = hits = 0
+    for r in rounds:
+        for n, calls in r.get("redis_commands", {}).values():
+            commands += n
+            hits += calls
+    return commands, hits
 
 
 def plot(results: dict, path: Path) -> None:
@@ -540,19 +724,17 @@ def plot(results: dict, path: Path) -> None:
 
     points = [p / 10 for p in range(0, 1000)] + [99.9, 99.99]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    labels = {"tokengate": "tokengate → upstream", "echo": "tonic echo (no upstream)",
-              "direct": "direct HTTP/1.1 call to the upstream"}
     for name, values in results["pooled_latency_us"].items():
         ordered = sorted(values)
         ys = [ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] for p in points]
-        ax.plot(points, ys, label=labels[name])
+        ax.plot(points, ys, label=LABELS[name])
     ax.set_yscale("log")
     ax.set_xlabel("percentile (one call at a time)")
     ax.set_ylabel("latency (µs, log scale)")
     ax.set_title(f"tokengate {results['environment']['commit']}: latency per call, "
                  f"{results['settings']['rounds']} rounds pooled")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -565,24 +747,42 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="where the table, plot and JSON go "
                         "(default bench/results, or target/bench-smoke with --smoke)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    parser.add_argument("--before", type=Path, metavar="BINARY",
+                        help="tokengate built from before the broker: its forwarding path is "
+                        "measured beside today's (bench/run --before REV builds it)")
+    parser.add_argument("--before-rev", help="the revision --before was built from (reported)")
+    parser.add_argument("--skip-broker", action="store_true",
+                        help="leave out the broker's POST counts and the 100,000-entry fill")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write results.md again from a results.json")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.render.read_text())
+        md = table(results)
+        (args.render.parent / "results.md").write_text(md)
+        print(md)
+        return 0
     settings = Settings.smoke() if args.smoke else Settings()
+    broker_settings = broker.BrokerSettings.smoke() if args.smoke else broker.BrokerSettings()
     if args.rounds:
         settings.rounds = args.rounds
     out = args.out or ROOT / ("target/bench-smoke" if args.smoke else "bench/results")
     if len(os.sched_getaffinity(0)) < 2 or not {SUT_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
         print(f"bench: needs CPUs {LOAD_CPU} and {SUT_CPU}", file=sys.stderr)
         return 2
-    for binary in (TOKENGATE, BENCH):
+    for binary in (TOKENGATE, BENCH, *([args.before] if args.before else [])):
         if not binary.exists():
             print(f"bench: {binary} is missing; run bench/run", file=sys.stderr)
             return 2
     os.sched_setaffinity(0, {LOAD_CPU})  # the harness itself stays off the measured core
+    foreign = Foreign()
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    commit = source_commit()
 
     with tempfile.TemporaryDirectory(prefix="tokengate-bench-") as tmp:
         work = Path(tmp)
         try:
-            bench = Bench(settings, work)
+            bench = Bench(settings, work, args.before, foreign)
             try:
                 results = bench.measure()
             finally:
@@ -593,12 +793,18 @@ def main() -> int:
                   f"{json.dumps(results['inflight_uncapped'])}", flush=True)
             results["startup"] = startup(settings, work)
             print(f"startup ms: {json.dumps(results['startup'])}", flush=True)
+            if not args.skip_broker:
+                # The harness is pinned to CPU 0; the broker scenarios use both cores.
+                os.sched_setaffinity(0, {LOAD_CPU, SUT_CPU})
+                results["broker"] = broker.measure(broker_settings, work)
         except BenchError as e:
             print(f"bench: {e}", file=sys.stderr)
             return 1
     results["settings"] = settings.__dict__
-    results["environment"] = environment()
+    results["environment"] = {**environment(), "commit": commit, "load_before": load_before}
     results["smoke"] = args.smoke
+    if args.before_rev:
+        results["before_rev"] = args.before_rev
     out.mkdir(parents=True, exist_ok=True)
     md = table(results)
     (out / "results.md").write_text(md)

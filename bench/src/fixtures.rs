@@ -5,10 +5,16 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use tokengate::proto::{GetTokenRequest, GetTokenResponse, JwtBearerGrant, get_token_request};
+use tokengate::proto::{
+    ClientCredentialsGrant, GetTokenRequest, GetTokenResponse, JwtBearerGrant,
+    client_credentials_grant, get_token_request,
+};
 
-/// The registered client the benchmark config declares.
+/// The registered client the benchmark config declares (cached by the broker; the default).
 pub const CLIENT_ID: &str = "bench-app";
+
+/// Marks the tokens a rotating upstream issues, so it can tell a reused one from a foreign one.
+pub const ROTATED_MARK: &str = "R0TATED";
 
 /// Deterministic filler, so the fixtures are the same in every run without a random crate.
 fn filler(len: usize, seed: u32) -> String {
@@ -31,13 +37,28 @@ pub fn user_jwt() -> String {
     format!("{header}.{claims}.{}", filler(342, 7))
 }
 
-/// The GetToken request sent by every gRPC run.
-pub fn get_token_request() -> GetTokenRequest {
+/// The GetToken request sent by every gRPC run, for `client_id`: RingCentral's JWT flow.
+pub fn get_token_request(client_id: &str) -> GetTokenRequest {
     GetTokenRequest {
         grant: Some(get_token_request::Grant::JwtBearer(JwtBearerGrant {
             assertion: user_jwt(),
         })),
-        client_id: CLIENT_ID.to_owned(),
+        client_id: client_id.to_owned(),
+        ..GetTokenRequest::default()
+    }
+}
+
+/// A client_credentials request for one account: distinct accounts are distinct cache entries.
+pub fn client_credentials_request(client_id: &str, account_id: &str) -> GetTokenRequest {
+    GetTokenRequest {
+        grant: Some(get_token_request::Grant::ClientCredentials(
+            ClientCredentialsGrant {
+                subject: Some(client_credentials_grant::Subject::AccountId(
+                    account_id.to_owned(),
+                )),
+            },
+        )),
+        client_id: client_id.to_owned(),
         ..GetTokenRequest::default()
     }
 }
@@ -55,11 +76,42 @@ pub fn grpc_frame(request: &impl prost::Message) -> Vec<u8> {
 
 /// The upstream's answer to every token POST: RingCentral's field set, about 1 KB.
 pub fn token_json() -> String {
+    token_json_lasting(3600)
+}
+
+/// [`token_json`] with another `expires_in` (seconds).
+pub fn token_json_lasting(expires_in: u64) -> String {
+    token_json_with(
+        format!("U0pDMTFQMDFQQVMwMHxBQUFW{}", filler(700, 11)),
+        format!("U0pDMTFQMDFQQVMwMHxBQUJ{}", filler(130, 13)),
+        expires_in,
+    )
+}
+
+/// The `serial`th token of a rotating upstream: the same shape and sizes as [`token_json`],
+/// with access and refresh tokens of their own. Returns the JSON and the refresh token.
+pub fn rotated_token_json(serial: u64, expires_in: u64) -> (String, String) {
+    let tag = format!("{ROTATED_MARK}{serial:012}");
+    let access = format!(
+        "U0pDMTFQMDFQQVMwMHxBQUFW{tag}{}",
+        filler(700 - tag.len(), 11)
+    );
+    let refresh = format!(
+        "U0pDMTFQMDFQQVMwMHxBQUJ{tag}{}",
+        filler(130 - tag.len(), 13)
+    );
+    (
+        token_json_with(access, refresh.clone(), expires_in),
+        refresh,
+    )
+}
+
+fn token_json_with(access_token: String, refresh_token: String, expires_in: u64) -> String {
     serde_json::json!({
-        "access_token": format!("U0pDMTFQMDFQQVMwMHxBQUFW{}", filler(700, 11)),
+        "access_token": access_token,
         "token_type": "bearer",
-        "expires_in": 3600,
-        "refresh_token": format!("U0pDMTFQMDFQQVMwMHxBQUJ{}", filler(130, 13)),
+        "expires_in": expires_in,
+        "refresh_token": refresh_token,
         "refresh_token_expires_in": 604_800,
         "scope": "ReadAccounts ReadCallLog ReadMessages SMS CallControl",
         "owner_id": "400131234008",
@@ -98,12 +150,24 @@ mod tests {
 
     #[test]
     fn the_frame_is_length_prefixed_protobuf() {
-        let frame = grpc_frame(&get_token_request());
+        let frame = grpc_frame(&get_token_request(CLIENT_ID));
         assert_eq!(frame[0], 0);
         let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
         assert_eq!(len, frame.len() - 5);
         let decoded = GetTokenRequest::decode(&frame[5..]).unwrap();
         assert_eq!(decoded.client_id, CLIENT_ID);
+    }
+
+    #[test]
+    fn rotated_tokens_differ_and_keep_the_sizes() {
+        let (one, refresh_one) = rotated_token_json(1, 20);
+        let (two, refresh_two) = rotated_token_json(2, 20);
+        assert_ne!(refresh_one, refresh_two);
+        assert_eq!(one.len(), two.len());
+        assert_eq!(one.len(), token_json_lasting(20).len());
+        let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+        assert_eq!(one["refresh_token"], refresh_one.as_str());
+        assert!(refresh_one.contains(ROTATED_MARK));
     }
 
     #[test]

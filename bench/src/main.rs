@@ -2,9 +2,11 @@
 
 #![forbid(unsafe_code)]
 
+mod calls;
 mod echo;
 mod fixtures;
 mod probe;
+mod translator;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -30,6 +32,25 @@ enum Command {
         /// Hold every token POST this long before answering (keeps calls in flight).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         delay: Duration,
+        /// `expires_in` of the tokens, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+        /// A new token pair per POST, and refresh tokens that work once (RingCentral's rules).
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// The minimal translator: the echo's tonic server making one reqwest form POST per
+    /// GetToken and decoding the JSON. Prints `listening ADDR`.
+    Translator {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The token endpoint, e.g. http://127.0.0.1:PORT/restapi/oauth/token.
+        #[arg(long)]
+        token_url: String,
+        #[arg(long, default_value = fixtures::CLIENT_ID)]
+        client_id: String,
+        #[arg(long)]
+        client_secret: String,
     },
     /// The tonic echo: GetToken answered with a canned token, no upstream. Prints `listening ADDR`.
     Echo {
@@ -37,12 +58,55 @@ enum Command {
         listen: SocketAddr,
     },
     /// Write the GetToken request as a gRPC length-prefixed frame (h2load's `-d` file).
-    Frame { out: PathBuf },
-    /// Make one GetToken and fail unless it returns the benchmark's token; prints the
-    /// response frame size.
+    Frame {
+        out: PathBuf,
+        /// The request's `client_id`.
+        #[arg(long, default_value = fixtures::CLIENT_ID)]
+        client: String,
+    },
+    /// Make one GetToken and fail unless it returns the benchmark's token (and, with
+    /// --source, from there); prints the response frame size.
     Check {
         #[arg(long)]
         addr: String,
+        #[arg(long, default_value = fixtures::CLIENT_ID)]
+        client: String,
+        /// upstream, cache, coalesced or replayed.
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Many checked GetToken calls over one or more servers; prints a JSON summary.
+    Calls {
+        /// A server, e.g. http://127.0.0.1:PORT; repeat for several replicas.
+        #[arg(long = "addr", required = true)]
+        addrs: Vec<String>,
+        /// HTTP/2 connections per server.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value = fixtures::CLIENT_ID)]
+        client: String,
+        /// Send client_credentials for accounts PREFIX0, PREFIX1, …; without it, the
+        /// benchmark's jwt_bearer request.
+        #[arg(long)]
+        accounts: Option<String>,
+        /// How many distinct accounts (with --accounts).
+        #[arg(long, default_value_t = 1)]
+        distinct: usize,
+        /// A fixed number of calls (with --concurrency) …
+        #[arg(long, conflicts_with = "duration")]
+        calls: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// … or callers that call every --interval for this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        #[arg(long, default_value_t = 1)]
+        callers: usize,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Connect, then wait until this Unix time in milliseconds before calling.
+        #[arg(long)]
+        start_at_ms: Option<u64>,
     },
     /// Time exec → SERVING of COMMAND, pinned to --cpu; prints milliseconds, one line a run.
     Startup {
@@ -59,17 +123,84 @@ enum Command {
 
 fn main() -> ExitCode {
     let result: Result<(), probe::Error> = match Cli::parse().command {
-        Command::Upstream { listen, delay } => current_thread()
-            .block_on(upstream::serve(listen, delay))
+        Command::Upstream {
+            listen,
+            delay,
+            expires_in,
+            rotate,
+        } => current_thread()
+            .block_on(upstream::serve(
+                listen,
+                upstream::Options {
+                    delay,
+                    expires_in,
+                    rotate,
+                },
+            ))
             .map_err(Into::into),
         Command::Echo { listen } => multi_thread().block_on(echo::serve(listen)),
-        Command::Frame { out } => {
-            std::fs::write(&out, fixtures::grpc_frame(&fixtures::get_token_request()))
-                .map_err(Into::into)
-        }
-        Command::Check { addr } => current_thread()
-            .block_on(probe::check(&addr))
+        Command::Translator {
+            listen,
+            token_url,
+            client_id,
+            client_secret,
+        } => multi_thread().block_on(translator::serve(
+            listen,
+            token_url,
+            client_id,
+            client_secret,
+        )),
+        Command::Frame { out, client } => std::fs::write(
+            &out,
+            fixtures::grpc_frame(&fixtures::get_token_request(&client)),
+        )
+        .map_err(Into::into),
+        Command::Check {
+            addr,
+            client,
+            source,
+        } => current_thread()
+            .block_on(probe::check(&addr, &client, source.as_deref()))
             .map(|bytes| println!("{bytes}")),
+        Command::Calls {
+            addrs,
+            connections,
+            client,
+            accounts,
+            distinct,
+            calls,
+            concurrency,
+            duration,
+            callers,
+            interval,
+            start_at_ms,
+        } => {
+            let pace = match (calls, duration) {
+                (_, Some(duration)) => calls::Pace::Steady {
+                    callers,
+                    interval,
+                    duration,
+                },
+                (calls, None) => calls::Pace::Count {
+                    calls: calls.unwrap_or(1),
+                    concurrency,
+                },
+            };
+            let shape = match accounts {
+                Some(prefix) => calls::Shape::Accounts { prefix, distinct },
+                None => calls::Shape::Jwt,
+            };
+            multi_thread()
+                .block_on(calls::run(calls::Plan {
+                    addrs,
+                    connections,
+                    client_id: client,
+                    shape,
+                    pace,
+                    start_at_ms,
+                }))
+                .map(|summary| println!("{summary}"))
+        }
         Command::Startup {
             cpu,
             home_cpu,

@@ -3,6 +3,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokengate::proto::TokenSource;
 use tokengate::proto::token_service_client::TokenServiceClient;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::Command;
@@ -12,18 +13,27 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 pub type Error = Box<dyn std::error::Error>;
 
-/// One GetToken that must succeed with the benchmark's token; h2load cannot see gRPC status.
-/// Returns the size of the response frame, which the harness uses to check h2load's byte counts.
-pub async fn check(addr: &str) -> Result<usize, Error> {
+/// One GetToken for `client` that must succeed with the benchmark's token (and come from
+/// `source`, when given); h2load cannot see gRPC status. Returns the size of the response frame,
+/// which the harness uses to check h2load's byte counts.
+pub async fn check(addr: &str, client: &str, source: Option<&str>) -> Result<usize, Error> {
     let channel = Endpoint::from_shared(addr.to_owned())?.connect().await?;
     let response = TokenServiceClient::new(channel)
-        .get_token(crate::fixtures::get_token_request())
+        .get_token(crate::fixtures::get_token_request(client))
         .await
         .map_err(|status| format!("GetToken failed: {status:?}"))?
         .into_inner();
     let expected = crate::fixtures::canned_response();
     if response.access_token != expected.access_token || response.scopes != expected.scopes {
         return Err("GetToken answered, but not with the benchmark's token".into());
+    }
+    if let Some(source) = source {
+        let name = TokenSource::try_from(response.source)
+            .map(|s| s.as_str_name())
+            .unwrap_or("?");
+        if !name.eq_ignore_ascii_case(&format!("TOKEN_SOURCE_{source}")) {
+            return Err(format!("GetToken answered from {name}, not from {source}").into());
+        }
     }
     Ok(crate::fixtures::grpc_frame(&response).len())
 }

@@ -6,20 +6,24 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import broker  # noqa: E402
 import harness  # noqa: E402
+import procs  # noqa: E402
 
 # Printed by h2load 1.52 against tokengate (trimmed to the lines the harness reads).
 H2LOAD_OUT = """\
 finished in 5.00s, 11146.00 req/s, 11.29MB/s
 requests: 55730 total, 55858 started, 55730 done, 55730 succeeded, 0 failed, 0 errored, 0 timeout
 status codes: 55730 2xx, 0 3xx, 0 4xx, 0 5xx
-traffic: 56.47MB (59213762) total, 163.77KB (167698) headers (space savings 95.76%), 54.82MB (57484008) data
+traffic: 56.47MB (59213762) total, 163.77KB (167698) headers (space savings 95.76%), \
+54.82MB (57484008) data
 """
 
 
 def test_h2load_summary_is_read():
     load = harness.parse_h2load(H2LOAD_OUT)
     assert (load.done, load.succeeded, load.failed, load.errored) == (55730, 55730, 0, 0)
+    assert load.started == 55858
     assert load.rps == 11146.0
     assert load.data_bytes == 57484008
 
@@ -49,6 +53,24 @@ def test_trailers_only_answers_refuse_the_run():
         harness.verify(load, "http://x", 1100)
 
 
+def test_a_forwarding_run_makes_exactly_one_post_per_call():
+    load = harness.parse_h2load(H2LOAD_OUT)  # 55,730 done, 55,858 started
+    harness.verify_posts("tokengate", "one", 55730, load)
+    # Calls cut off at h2load's deadline may have reached the upstream too.
+    harness.verify_posts("tokengate", "one", 55858, load)
+    with pytest.raises(harness.BenchError):  # a call answered without going upstream
+        harness.verify_posts("tokengate", "one", 55729, load)
+    with pytest.raises(harness.BenchError):  # more POSTs than calls: retries, or a leak
+        harness.verify_posts("tokengate", "one", 55859, load)
+
+
+def test_a_cache_hit_run_makes_no_post_at_all():
+    load = harness.parse_h2load(H2LOAD_OUT)
+    harness.verify_posts("hit", "none", 0, load)
+    with pytest.raises(harness.BenchError):
+        harness.verify_posts("hit", "none", 1, load)
+
+
 def test_log_latencies_and_failed_streams(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("1764144000000000\t200\t120\n1764144000000200\t200\t80\n")
@@ -68,17 +90,88 @@ def test_percentile_is_nearest_rank():
         harness.percentile([], 50)
 
 
-def results(cpu_ratio: float, added_p50: float, idle_kib: int) -> dict:
-    latency = {"p50": 100.0, "p99": 200.0}
-    saturation = {"rps": 10000.0, "calls": 1, "cpu_us_per_call": 20.0}
-    round_ = {"latency": {n: latency for n in ("tokengate", "echo", "direct")},
-              "saturation": {"tokengate": saturation, "echo": saturation},
-              "added": {"p50": added_p50, "p99": 100.0}, "cpu_ratio": cpu_ratio}
+def test_redis_commandstats_count_work_not_health_checks():
+    info = ("# Commandstats\r\n"
+            "cmdstat_ping:calls=40,usec=12,usec_per_call=0.30,rejected_calls=0,failed_calls=0\r\n"
+            "cmdstat_info:calls=2,usec=80,usec_per_call=40.00,rejected_calls=0,failed_calls=0\r\n"
+            "cmdstat_get:calls=3,usec=9,usec_per_call=3.00,rejected_calls=0,failed_calls=0\r\n"
+            "cmdstat_evalsha:calls=1,usec=30,usec_per_call=30.00,rejected_calls=0,"
+            "failed_calls=0\r\n")
+    stats = procs.parse_commandstats(info)
+    assert stats == {"ping": 40, "info": 2, "get": 3, "evalsha": 1}
+    assert procs.working_commands(stats) == 4
+
+
+def test_the_pass_through_client_is_never_cached(tmp_path):
+    class Upstream:
+        addr = "127.0.0.1:9"
+
+    text = procs.write_config(tmp_path / "a.toml", Upstream()).read_text()
+    assert "[cache]" not in text
+    pass_through = text.split('client_id = "bench-pass"')[1]
+    assert "cache = false" in pass_through
+    assert "cache = false" not in text.split('client_id = "bench-pass"')[0]
+    text = procs.write_config(tmp_path / "b.toml", Upstream(),
+                              cache={"backend": "redis", "key_file": "/k",
+                                     "redis_url": "redis://127.0.0.1:1/0",
+                                     "refresh_ahead": "5s"}).read_text()
+    assert '[cache]\nbackend = "redis"\nkey_file = "/k"\nrefresh_ahead = "5s"\n' in text
+    assert '[cache.redis]\nurl = "redis://127.0.0.1:1/0"\n' in text
+    # tokengate from before the broker refuses unknown keys: no cache key at all.
+    text = procs.write_config(tmp_path / "c.toml", Upstream(), broker=False).read_text()
+    assert "cache" not in text
+
+
+def test_server_counts_watched_lines_across_reads():
+    script = ("echo listening 127.0.0.1:1; printf 'connected to re'; sleep 0.2; "
+              "echo 'dis; x'; echo 'connected to redis'; sleep 5")
+    server = procs.Server("sh", ["sh", "-c", script], None, watch=("connected to redis",))
+    try:
+        assert server.addr == "127.0.0.1:1"
+        server.wait_for("connected to redis", times=2, timeout=5)
+        assert server.count("connected to redis") == 2
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ratios and verdicts
+
+SUBJECTS = ("echo", "translator", "tokengate", "hit", "hit_redis")
+
+
+def round_(cpu: dict, p50: dict) -> dict:
+    result = {"latency": {n: {"p50": p50.get(n, 100.0), "p99": 200.0}
+                          for n in (*SUBJECTS, "direct")},
+              "saturation": {n: {"rps": 10000.0, "calls": 1000,
+                                 "cpu_us_per_call": cpu.get(n, 20.0)} for n in SUBJECTS},
+              "redis_commands": {"hit_redis_saturation": [0, 100000],
+                                 "hit_redis_latency": [0, 20000]}}
+    harness.derive(result)
+    return result
+
+
+def test_a_round_derives_each_ratio():
+    r = round_(cpu={"echo": 14.0, "translator": 36.0, "tokengate": 40.0, "hit": 17.5,
+                    "hit_redis": 20.0},
+               p50={"echo": 50.0, "translator": 120.0, "tokengate": 136.0, "hit": 60.0,
+                    "hit_redis": 61.0, "direct": 40.0})
+    assert r["vs_translator"] == {"cpu_ratio": 0.9, "p50_delta": 16.0}
+    assert r["hit_vs_echo"]["hit"] == {"cpu_ratio": 0.8, "p50_delta": 10.0}
+    assert r["hit_vs_echo"]["hit_redis"]["cpu_ratio"] == 0.7
+    assert r["cpu_ratio"] == 0.35
+    assert r["added"]["p50"] == 136.0 - 50.0 - 40.0
+    assert "vs_before" not in r
+
+
+def results(cpu: dict, p50: dict, idle_kib: int = 7000, redis_commands: int = 0) -> dict:
+    r = round_(cpu, p50)
+    r["redis_commands"]["hit_redis_saturation"][0] = redis_commands
     return {
-        "rounds": [round_, round_, round_],
+        "rounds": [r, r, r],
         "half": {n: {"rps": 5000.0, "p50": 100.0, "p99": 300.0} for n in ("tokengate", "echo")},
-        "rss": {"tokengate_idle_kib": idle_kib, "tokengate_idle_anon_kib": 1500, "echo_idle_kib": 4000,
-                "tokengate_after_load_kib": 9000, "tokengate_threads": 3},
+        "rss": {"tokengate_idle_kib": idle_kib, "tokengate_idle_anon_kib": 1500,
+                "echo_idle_kib": 4000, "tokengate_after_load_kib": 9000, "tokengate_threads": 3},
         "inflight": {"max_in_flight_upstream": 100, "rss_peak_kib": 30000},
         "inflight_uncapped": {"max_in_flight_upstream": 1000, "rss_peak_kib": 50000},
         "startup": {"tokengate": [5.0, 6.0], "echo": [1.0, 2.0]},
@@ -88,12 +181,117 @@ def results(cpu_ratio: float, added_p50: float, idle_kib: int) -> dict:
     }
 
 
+GOOD_CPU = {"echo": 14.0, "translator": 20.0, "tokengate": 22.0, "hit": 16.0, "hit_redis": 17.0}
+GOOD_P50 = {"echo": 50.0, "translator": 120.0, "tokengate": 130.0, "hit": 55.0,
+            "hit_redis": 56.0, "direct": 30.0}
+
+
+def missed_rows(md: str) -> list[str]:
+    return [line for line in md.splitlines() if "**missed**" in line]
+
+
 def test_table_marks_each_target():
-    met = harness.table(results(cpu_ratio=0.7, added_p50=50, idle_kib=7000))
-    assert "**missed**" not in met
-    missed = harness.table(results(cpu_ratio=0.5, added_p50=61, idle_kib=9000))
-    rows = [line for line in missed.splitlines() if "**missed**" in line]
-    assert len(rows) == 3
-    assert any(r.startswith("| Throughput per core") for r in rows)
-    assert any(r.startswith("| Added latency p50") for r in rows)
-    assert any(r.startswith("| RSS idle") for r in rows)
+    met = harness.table(results(GOOD_CPU, GOOD_P50))
+    assert missed_rows(met) == []
+    assert "not measured (bench/run --before REV)" in met
+    bad_cpu = {**GOOD_CPU, "tokengate": 25.0, "hit": 18.0}  # 0.80× the translator; 0.78× echo
+    bad_p50 = {**GOOD_P50, "tokengate": 140.0}  # +20 µs over the translator, +60 added
+    rows = missed_rows(harness.table(results(bad_cpu, bad_p50, idle_kib=9000,
+                                             redis_commands=3)))
+    assert any(r.startswith("| **Forwarding**") for r in rows)
+    assert any(r.startswith("| … p50 over the translator's") for r in rows)
+    assert any(r.startswith("| **Cache hit**, memory backend") for r in rows)
+    assert not any(r.startswith("| … with the Redis backend") for r in rows)
+    assert any(r.startswith("| … Redis commands per 1,000 hits") for r in rows)
+    assert any(r.startswith("| **Memory**: RSS idle") for r in rows)
+    assert any(r.startswith("| … throughput per core vs echo") for r in rows)
+    assert len(rows) == 6
+
+
+def test_redis_commands_are_summed_over_every_hit_run():
+    r = results(GOOD_CPU, GOOD_P50, redis_commands=3)
+    assert harness.redis_per_hit(r["rounds"]) == (9, 360000)
+    assert "3 in 360,000" not in harness.table(r)
+    assert "9 in 360,000 hits" in harness.table(r)
+
+
+def test_the_broker_on_a_pass_through_call_is_judged_when_measured():
+    r = results(GOOD_CPU, GOOD_P50)
+    for x in r["rounds"]:
+        x["saturation"]["before"] = {"rps": 1.0, "calls": 1, "cpu_us_per_call": 21.5}
+        x["latency"]["before"] = {"p50": 127.0, "p99": 1.0}
+        harness.derive(x)
+    assert r["rounds"][0]["vs_before"]["p50_delta"] == 3.0
+    md = harness.table(r)
+    assert missed_rows(md) == []
+    assert "the broker on a pass-through call: CPU/call before it ÷ with it" in md
+    for x in r["rounds"]:
+        x["latency"]["before"]["p50"] = 120.0
+        harness.derive(x)
+    rows = missed_rows(harness.table(r))
+    assert len(rows) == 1 and rows[0].startswith("| … p50 with the broker over p50 before it")
+
+
+# ---------------------------------------------------------------------------------------------
+# The broker's scenarios
+
+
+def stats(posts: int, by_grant: dict, reused: int = 0) -> dict:
+    return {"posts": posts, "by_grant": by_grant, "refresh_reused": reused,
+            "refresh_unknown": 0}
+
+
+def test_upstream_deltas_keep_only_grants_that_moved():
+    before = stats(10, {"client_credentials": 4, "refresh_token": 6})
+    after = stats(13, {"client_credentials": 4, "refresh_token": 8,
+                       broker.JWT_GRANT: 1}, reused=1)
+    assert broker.delta(after, before) == {
+        "posts": 3, "by_grant": {"refresh_token": 2, broker.JWT_GRANT: 1},
+        "refresh_reused": 1, "refresh_unknown": 0}
+
+
+def test_posts_per_thousand_calls():
+    assert broker.per_1000(1, 1000) == 1.0
+    assert broker.per_1000(5, 300_000) == pytest.approx(0.01667, rel=1e-3)
+
+
+def test_renewal_bounds_follow_the_renewal_period():
+    # 20 s tokens renewed 5 s (to 5.5 s) ahead: one renewal every 14.5–15.5 s.
+    assert broker.renewal_bounds(60.0, 20, 5) == (3, 4)
+    assert broker.renewal_bounds(60.2, 20, 5) == (3, 4)
+    assert broker.renewal_bounds(6.0, 4, 1) == (1, 2)
+
+
+def test_a_driver_run_with_failed_calls_is_a_problem():
+    ok = {"calls": 10, "ok": 10, "errors": {}}
+    assert broker.failures(ok) == []
+    bad = {"calls": 10, "ok": 9, "errors": {"Unavailable": 1}}
+    assert broker.failures(bad) == ["failed calls {'Unavailable': 1}",
+                                    "1 of 10 calls without a token"]
+
+
+def test_the_broker_table_shows_each_miss_and_why():
+    seen = stats(1, {broker.JWT_GRANT: 1})
+    rows = [broker.row("burst_1", "Burst", 1000, seen, "1 POST", []),
+            broker.row("burst_3", "Burst, three", 1000, stats(2, {broker.JWT_GRANT: 2}),
+                       "1 POST", ["2 POSTs"])]
+    md = broker.table({"scenarios": rows})
+    lines = md.splitlines()
+    assert lines[2] == "| Burst | 1,000 | 1 (jwt_bearer 1) | 1 | 1 POST | met |"
+    assert lines[3] == ("| Burst, three | 1,000 | 2 (jwt_bearer 2) | 2 | 1 POST | "
+                        "**missed**: 2 POSTs |")
+
+
+def test_the_benchmarks_own_processes_are_not_foreign():
+    parents = {1: 0, 10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
+    assert procs.own_tree(10, parents) == {10, 11, 12, 13}
+    assert procs.own_tree(99, parents) == {99}
+
+
+def test_disturbance_is_reported_per_timed_run():
+    rounds = [{"foreign_cores": {"echo_latency": 0.01, "echo_saturation": 0.30}},
+              {"foreign_cores": {"echo_latency": 0.00, "echo_saturation": 0.03}}]
+    text = harness.disturbance(rounds)
+    assert "0.02 of a core (median; at most 0.30)" in text
+    assert "1 of 4 runs were above 0.05 of a core" in text
+    assert harness.disturbance([{}]) == ""
