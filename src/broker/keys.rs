@@ -4,7 +4,6 @@
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hmac;
-use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 
 use crate::config::CacheKey;
 
@@ -67,7 +66,13 @@ pub struct Keys {
     seal: LessSafeKey,
     /// The key's version: a fingerprint, so values sealed under an old key are misses.
     version: [u8; 8],
-    random: SystemRandom,
+}
+
+/// Fills `bytes` from the operating system's random source. Not aws-lc's DRBG: its first
+/// use seeds a CPU-jitter entropy collector, which cost 30-50 ms of start-up (measured with
+/// perf), and the kernel's generator is what the keys and nonces need.
+fn random(bytes: &mut [u8]) {
+    getrandom::fill(bytes).expect("the operating system's random source works");
 }
 
 impl std::fmt::Debug for Keys {
@@ -80,15 +85,12 @@ impl Keys {
     /// Derives the keys from the configured key, or from fresh random bytes (memory backend
     /// with no `key_file`: nothing outlives the process, so nothing needs a shared key).
     pub fn new(key: Option<&CacheKey>) -> Self {
-        let random = SystemRandom::new();
         let generated;
         let material: &[u8] = match key {
             Some(key) => key.expose(),
             None => {
                 let mut bytes = [0u8; 32];
-                random
-                    .fill(&mut bytes)
-                    .expect("the system random source works");
+                random(&mut bytes);
                 generated = bytes;
                 &generated
             }
@@ -106,7 +108,6 @@ impl Keys {
             identity,
             seal,
             version,
-            random,
         }
     }
 
@@ -140,9 +141,7 @@ impl Keys {
     /// purpose and id.
     pub fn seal(&self, purpose: Purpose, id: &Digest, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
-        self.random
-            .fill(&mut nonce)
-            .expect("the system random source works");
+        random(&mut nonce);
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + AES_256_GCM.tag_len());
         out.push(SEAL_FORMAT);
         out.extend_from_slice(&nonce);
