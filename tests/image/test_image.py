@@ -118,6 +118,9 @@ def test_the_binary_serves_as_the_image_uid_on_a_read_only_root_filesystem():
     proc = subprocess.Popen(
         ["unshare", "--mount", "sh", "-c", script, str(BINARY)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
+        # Unbuffered: `select` must see every line not yet read. A buffered readline would
+        # take in two lines written together and leave the second where select cannot see it.
+        bufsize=0,
     )
     try:
         addr = wait_for_listening(proc)
@@ -153,5 +156,5 @@ def wait_for_listening(proc, patience=20.0):
             continue
         if event.get("fields", {}).get("message") == "listening":
             return event["fields"]["addr"]
-    err = proc.stderr.read1().decode(errors="replace") if proc.poll() is not None else ""
+    err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None else ""
     pytest.fail(f"no listening line; stdout: {''.join(seen)} stderr: {err}")
