@@ -386,7 +386,8 @@ async fn prometheus_stores_exactly_what_known_traffic_produced() {
     );
     assert!(value("process_resident_memory_bytes").is_some_and(|b| b > 1e6));
     assert!(value("process_open_fds").is_some_and(|n| n >= 3.0));
-    assert!(value("process_cpu_seconds_total").is_some_and(|s| s > 0.0));
+    // Counted in clock ticks (10 ms): a process this young may not have used one yet.
+    assert!(value("process_cpu_seconds_total").is_some_and(|s| s >= 0.0));
 }
 
 #[tokio::test]
