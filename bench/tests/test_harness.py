@@ -295,3 +295,36 @@ def test_disturbance_is_reported_per_timed_run():
     assert "0.02 of a core (median; at most 0.30)" in text
     assert "1 of 4 runs were above 0.05 of a core" in text
     assert harness.disturbance([{}]) == ""
+
+
+class Rounds(harness.Bench):
+    """The round loop alone: each round's disturbance comes from a list."""
+
+    def __init__(self, rounds: int, extra: int, disturbance: list[float]):
+        self.s = harness.Settings(rounds=rounds, extra_rounds=extra)
+        self.subjects = {}
+        self.disturbance = list(disturbance)
+        self.restarts = 0
+        self.foreign = None
+
+    def restart(self):
+        self.restarts += 1
+
+    def one_round(self, order, r):
+        return {"attempt": r, "foreign_cores": {"echo_latency": self.disturbance[r]}}, {}
+
+
+def test_a_disturbed_round_is_set_aside_and_run_again():
+    bench = Rounds(rounds=2, extra=1, disturbance=[0.30, 0.00, 0.20, 0.00])
+    rounds, discarded, _ = bench.rounds()
+    assert [r["attempt"] for r in rounds] == [1, 2]  # no attempt left: the third stays
+    assert [r["attempt"] for r in discarded] == [0]
+    assert bench.restarts == 2
+    bench = Rounds(rounds=2, extra=3, disturbance=[0.00, 0.30, 0.20, 0.01])
+    rounds, discarded, _ = bench.rounds()
+    assert [r["attempt"] for r in rounds] == [0, 3]
+    assert len(discarded) == 2
+    md_note = harness.set_aside(discarded)
+    assert "2 more round(s) were set aside" in md_note and "up to 0.30" in md_note
+    assert "waited 3 min" in harness.set_aside([], 180)
+    assert harness.set_aside([], 30) == ""
