@@ -82,22 +82,9 @@ pub struct Application {
 impl Application {
     /// Binds the listener (port 0 picks a free port) and builds the service.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let (listener, addr) = bind(config.server.listen).await?;
         let health_listener = if config.server.mtls() {
-            let addr = config.server.health_listen;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartupError::Bind { addr, source })?;
-            let addr = listener
-                .local_addr()
-                .map_err(|source| StartupError::Bind { addr, source })?;
-            Some((listener, addr))
+            Some(bind(config.server.health_listen).await?)
         } else {
             None
         };
@@ -349,6 +336,7 @@ fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Binds `addr` (port 0 picks a free port) and returns the address actually bound.
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
     let listener = TcpListener::bind(addr)
         .await
