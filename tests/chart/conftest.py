@@ -78,8 +78,15 @@ class Rendered:
         return container
 
     @property
+    def config_map(self) -> dict:
+        """The ConfigMap holding tokengate.toml (the dashboard has a ConfigMap of its own)."""
+        found = [d for d in self.all("ConfigMap") if "tokengate.toml" in d["data"]]
+        assert len(found) == 1, [d["metadata"]["name"] for d in self.all("ConfigMap")]
+        return found[0]
+
+    @property
     def config_text(self) -> str:
-        (text,) = self.one("ConfigMap")["data"].values()
+        (text,) = self.config_map["data"].values()
         return text
 
     @property
@@ -96,7 +103,7 @@ class Rendered:
     def secret_data(self) -> dict[str, str] | None:
         """The chart-rendered client Secret's decoded data (secret.create), or None when the
         chart renders none. It has the release's full name, as the ConfigMap has."""
-        name = self.one("ConfigMap")["metadata"]["name"]
+        name = self.config_map["metadata"]["name"]
         secrets = [s for s in self.all("Secret") if s["metadata"]["name"] == name]
         if not secrets:
             return None

@@ -108,8 +108,8 @@ def mtls(r: Rendered) -> bool:
 
 
 def health_port(r: Rendered) -> int | None:
-    """The port of server.health_listen when the binary serves it (mTLS), else None."""
-    if not mtls(r):
+    """The port of server.health_listen when the binary serves it (TLS), else None."""
+    if tls_config(r) is None:
         return None
     listen = r.config["server"]["health_listen"]
     match = re.fullmatch(r"0\.0\.0\.0:(\d+)", listen)
@@ -351,7 +351,7 @@ def test_check_config_accepts_the_rendered_config(rendered, tokengate_bin, tmp_p
 def test_check_config_is_not_vacuous(tokengate_bin, tmp_path):
     # The same pipeline refuses a config the binary does not accept.
     r = Rendered(load_values("dev"))
-    r.one("ConfigMap")["data"] = {
+    r.config_map["data"] = {
         "tokengate.toml": r.config_text.replace('shutdown_grace_period = "5s"', 'shutdown_grace_period = "0s"')
     }
     proc = check_config(tokengate_bin, r, tmp_path)
@@ -362,8 +362,8 @@ def test_check_config_is_not_vacuous(tokengate_bin, tmp_path):
 def test_the_container_runs_the_mounted_config(rendered):
     (mount,) = [m for m in rendered.container["volumeMounts"] if m["name"] == "config"]
     (volume,) = [v for v in rendered.pod_spec["volumes"] if v["name"] == "config"]
-    assert volume["configMap"]["name"] == rendered.one("ConfigMap")["metadata"]["name"]
-    (key,) = rendered.one("ConfigMap")["data"]
+    assert volume["configMap"]["name"] == rendered.config_map["metadata"]["name"]
+    (key,) = rendered.config_map["data"]
     args = rendered.container["args"]
     assert args[:2] == ["serve", "--config"]
     assert args[2] == posixpath.join(mount["mountPath"], key)
@@ -480,7 +480,7 @@ def test_network_policy_opens_the_grpc_port_and_the_upstream_port(rendered):
     url = urlsplit(rendered.config["upstream"]["base_url"])
     upstream_port = url.port or {"https": 443, "http": 80}[url.scheme]
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
-    assert sorted(egress_ports) == sorted([53, 53, upstream_port, *redis_ports(rendered)])
+    assert sorted(egress_ports) == sorted([53, 53, upstream_port, *redis_ports(rendered), *telemetry_ports(rendered)])
 
 
 def test_network_policy_upstream_port_follows_base_url():
@@ -849,7 +849,7 @@ def test_the_upstream_ca_can_come_from_a_secret():
     assert r.config["upstream"]["ca_file"].endswith("/bundle.pem")
 
 
-def test_without_mtls_nothing_opens_the_health_port(rendered):
+def test_without_tls_nothing_opens_the_health_port(rendered):
     if health_port(rendered) is not None:
         return
     assert "health_listen" not in rendered.config["server"]
@@ -964,17 +964,22 @@ def wait_for_logs(proc, messages: set[str], patience: float = 20.0) -> dict[str,
     return found
 
 
-def test_the_binary_serves_what_the_probes_and_the_test_pod_check(rendered_sets, tokengate_bin, tmp_path):
-    """Serve the rendered mTLS config (files in place, loopback addresses on free ports) and run
-    the `helm test` pod's health check against the plaintext health port, as the probes do:
-    SERVING. The same plaintext check against the gRPC port fails, so the probes could not use
-    it."""
-    r = rendered_sets["mtls"]
+@pytest.mark.parametrize("value_set", ["mtls", "observability"])
+def test_the_binary_serves_what_the_probes_and_the_test_pod_check(value_set, rendered_sets, tokengate_bin, tmp_path):
+    """Serve the rendered TLS config, mutual (mtls) or not (observability), with the files in
+    place and loopback addresses on free ports, and run the `helm test` pod's health check
+    against the plaintext health port, as the probes do: SERVING. The same plaintext check
+    against the gRPC port fails, so the probes could not use it."""
+    r = rendered_sets[value_set]
+    assert tls_config(r) and mtls(r) == (value_set == "mtls")
     (container,) = r.one("Pod", "-test-health")["spec"]["containers"]
+    probe_ports = {r.container[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probe_ports == {health_port(r)}
+    assert container["args"][2].endswith(f":{health_port(r)}")
     proc = run_rendered(
         tokengate_bin, r, tmp_path, ["serve"], popen=True,
         env_extra={"TOKENGATE_SERVER__LISTEN": "127.0.0.1:0", "TOKENGATE_SERVER__HEALTH_LISTEN": "127.0.0.1:0",
-                   "TOKENGATE_LOG_FORMAT": "json"},
+                   "TOKENGATE_SERVER__METRICS_LISTEN": "127.0.0.1:0", "TOKENGATE_LOG_FORMAT": "json"},
     )
     try:
         logs = wait_for_logs(proc, {"serving plaintext health for probes", "listening"})
@@ -997,50 +1002,6 @@ def test_the_binary_serves_what_the_probes_and_the_test_pod_check(rendered_sets,
             proc.wait()
 
 
-def test_tls_without_mtls_is_refused_because_the_binary_has_no_plaintext_health_then(tokengate_bin, tmp_path):
-    """The chart refuses TLS without mTLS, as the probes would fail: the kubelet's gRPC probes
-    speak plaintext, and tokengate serves health_listen only with mTLS. This asserts the binary
-    still behaves so; once it serves plaintext health with TLS alone, this fails, and the chart
-    can drop the refusal and probe the health port whenever TLS is on."""
-    with pytest.raises(helm.HelmRenderError, match="tls.enabled without tls.mtls"):
-        Rendered({"tls": {"enabled": True, "existingSecret": "tls", "mtls": False}})
-    pki = throwaway_pki()
-    for name in ("tls.crt", "tls.key"):
-        (tmp_path / name).write_text(pki[name])
-    config = tmp_path / "tokengate.toml"
-    config.write_text(
-        '[server]\nlisten = "127.0.0.1:0"\nhealth_listen = "127.0.0.1:0"\n'
-        f'[server.tls]\ncert_file = "{tmp_path}/tls.crt"\nkey_file = "{tmp_path}/tls.key"\n'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
-    proc = subprocess.Popen(
-        [tokengate_bin, "serve", "--log-format", "json", "--config", config],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0,
-    )
-    try:
-        # The health server logs before "listening" when it runs at all.
-        lines = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "listening" not in lines:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = proc.stdout.readline() if ready else b""
-            if not line:
-                break
-            try:
-                lines.append(json.loads(line).get("fields", {}).get("message"))
-            except ValueError:
-                continue
-        assert "listening" in lines, lines
-        assert "serving plaintext health for probes" not in lines, lines
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # The binary's defaults for the keys values.yaml sets: the chart must not change them silently.
 # Durations are compared as durations (the binary prints "60s" as "1m"), lists as sets.
 DEFAULTED_KEYS = {
@@ -1048,12 +1009,13 @@ DEFAULTED_KEYS = {
     "upstream": ["max_connections", "allow_insecure_http"],
     "cache": ["backend", "grants", "refresh_ahead", "min_remaining", "replay_window", "max_entries"],
     "cache.redis": ["url", "key_prefix", "timeout"],
+    "telemetry": ["otlp_protocol", "service_name", "sample_ratio"],
 }
 DURATION_KEYS = {"refresh_ahead", "min_remaining", "replay_window", "timeout"}
 
 
 def test_values_yaml_defaults_are_the_binarys(tokengate_bin, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     proc = subprocess.run([tokengate_bin, "check-config", "--config", empty], capture_output=True, text=True, env=env, timeout=30)
@@ -1105,6 +1067,7 @@ SECTIONS = {
         set(CONFIG_SCHEMA["cache"]["properties"]["redis"]["properties"]),
         {"password_file", "ca_file"},
     ),
+    "telemetry": ("[telemetry]\nbogus_key = 1", set(CONFIG_SCHEMA["telemetry"]["properties"]), set()),
 }
 
 
@@ -1153,11 +1116,73 @@ def test_schema_and_binary_agree_on_callers(schemaless_chart, tokengate_bin, tmp
     assert sum(ok for _, ok, _, _ in verdicts) == 4
 
 
+# Telemetry settings: the schema admits each exactly when `tokengate check-config` accepts the
+# config the chart renders for it (an empty endpoint leaves the section out, so it is not here).
+TELEMETRY_SETTINGS = [
+    {"otlp_endpoint": "http://otel-collector.observability.svc:4317"},
+    {"otlp_endpoint": "https://otel.example.com", "otlp_protocol": "http/protobuf"},
+    {"otlp_endpoint": "http://[fd00::1]:4318/v1/traces", "otlp_protocol": "http/protobuf"},
+    {"otlp_endpoint": "http://otel:4317", "sample_ratio": 0, "service_name": "auth"},
+    {"otlp_endpoint": "http://otel:4317", "sample_ratio": 1.5},
+    {"otlp_endpoint": "http://otel:4317", "sample_ratio": -0.1},
+    {"otlp_endpoint": "http://otel:4317", "otlp_protocol": "http/json"},
+    {"otlp_endpoint": "otel:4317"},
+    {"otlp_endpoint": "ftp://otel:4317"},
+    {"otlp_endpoint": "http://otel:4317", "service_name": ""},
+]
+
+
+def test_schema_and_binary_agree_on_telemetry(schemaless_chart, tokengate_bin, tmp_path):
+    verdicts = []
+    with helm.Chart.load(CHART) as chart:
+        for n, setting in enumerate(TELEMETRY_SETTINGS):
+            values = {"config": {"telemetry": setting}}
+            try:
+                chart.validate_schema(values)
+                schema_ok = True
+            except helm.HelmValuesError:
+                schema_ok = False
+            directory = tmp_path / str(n)
+            directory.mkdir()
+            r = Rendered(values, chart_dir=schemaless_chart)
+            assert r.config["telemetry"]["otlp_endpoint"] == setting["otlp_endpoint"]
+            proc = check_config(tokengate_bin, r, directory)
+            assert proc.returncode in (0, 64), proc
+            verdicts.append((setting, schema_ok, proc.returncode == 0, proc.stderr.strip()))
+    assert [v for v in verdicts if v[1] != v[2]] == []
+    assert sum(ok for _, ok, _, _ in verdicts) == 4
+
+
+def test_schema_telemetry_protocols_are_the_binarys(tokengate_bin, tmp_path):
+    protocols = CONFIG_SCHEMA["telemetry"]["properties"]["otlp_protocol"]["enum"]
+    assert set(protocols) == binary_fields_any(tokengate_bin, tmp_path, '[telemetry]\notlp_protocol = "bogus"')
+
+
+def binary_fields_any(tokengate_bin, tmp_path, toml: str) -> set[str]:
+    """The names the binary lists in its "expected ..." error, words with a slash included."""
+    config = tmp_path / "fields.toml"
+    config.write_text(toml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
+    proc = subprocess.run([tokengate_bin, "check-config", "--config", config], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 64 and "expected" in proc.stderr, proc
+    return set(re.findall(r"`([\w/]+)`", proc.stderr.split("expected", 1)[1]))
+
+
 # --- The token broker: cache key, Redis, clients passed through --------------------------------
 
 
 def redis_backend(r: Rendered) -> bool:
     return r.config["cache"]["backend"] == "redis"
+
+
+def telemetry_ports(r: Rendered) -> list[int]:
+    """The port of the rendered `[telemetry]` otlp_endpoint (the scheme's when it names none);
+    [] when the config has no endpoint, so tokengate exports nothing."""
+    endpoint = r.config.get("telemetry", {}).get("otlp_endpoint")
+    if not endpoint:
+        return []
+    url = urlsplit(endpoint)
+    return [url.port or {"https": 443, "http": 80}[url.scheme]]
 
 
 def redis_ports(r: Rendered) -> list[int]:
@@ -1332,12 +1357,18 @@ def test_network_policy_opens_redis_only_with_the_redis_backend(rendered):
     egress = server_policy(rendered)["spec"]["egress"]
     np = (rendered.values or {}).get("networkPolicy", {}).get("egress", {})
     dns = np.get("dns", True)
-    # DNS, the upstream, Redis (with the redis backend), then the extra rules.
-    assert len(egress) == int(dns) + 1 + int(redis_backend(rendered)) + len(np.get("extra", []))
+    # DNS, the upstream, Redis (with the redis backend), the OTLP collector (with an endpoint),
+    # then the extra rules.
+    telemetry = bool(telemetry_ports(rendered))
+    assert len(egress) == int(dns) + 1 + int(redis_backend(rendered)) + int(telemetry) + len(np.get("extra", []))
     if redis_backend(rendered):
         rule = egress[int(dns) + 1]
         assert rule["ports"] == [{"port": p, "protocol": "TCP"} for p in redis_ports(rendered)]
         assert rule.get("to", []) == np.get("redis", {}).get("to", [])
+    if telemetry:
+        rule = egress[int(dns) + 1 + int(redis_backend(rendered))]
+        assert rule["ports"] == [{"port": p, "protocol": "TCP"} for p in telemetry_ports(rendered)]
+        assert rule.get("to", []) == np.get("telemetry", {}).get("to", [])
 
 
 def test_redis_egress_ports_follow_the_urls():

@@ -166,6 +166,49 @@ REFUSED = [
     ({"cache": {"redis": {"caBundle": {"secret": "ca", "key": "a/b"}}}}, "/cache/redis/caBundle/key"),
     ({"networkPolicy": {"egress": {"redis": {"port": 6379}}}}, "port"),
     ({"networkPolicy": {"egress": {"redis": {"to": [{"ipBlok": {"cidr": "10.0.0.0/8"}}]}}}}, "ipBlok"),
+    # observability: the Prometheus Operator objects ...
+    ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ({"serviceMonitor": {"interval": "30"}}, "/serviceMonitor/interval"),
+    ({"serviceMonitor": {"scrapeTimeout": "1h"}}, "/serviceMonitor/scrapeTimeout"),
+    ({"serviceMonitor": {"scheme": "https"}}, "scheme"),
+    ({"serviceMonitor": {"labels": {"release": 1}}}, "/serviceMonitor/labels/release"),
+    ({"serviceMonitor": {"labels": {"-release": "x"}}}, "invalid propertyName '-release'"),
+    ({"prometheusRule": {"force": "true"}}, "/prometheusRule/force"),
+    ({"prometheusRule": {"alerts": {"errorRatio": {"threshold": 1.5}}}}, "/prometheusRule/alerts/errorRatio/threshold"),
+    ({"prometheusRule": {"alerts": {"callerErrorRatio": {"threshold": "50%"}}}}, "/prometheusRule/alerts/callerErrorRatio/threshold"),
+    ({"prometheusRule": {"alerts": {"upstreamSlow": {"thresholdSeconds": 0}}}}, "/prometheusRule/alerts/upstreamSlow/thresholdSeconds"),
+    ({"prometheusRule": {"alerts": {"upstreamRateLimited": {"threshold": -1}}}}, "/prometheusRule/alerts/upstreamRateLimited/threshold"),
+    ({"prometheusRule": {"alerts": {"rateLimitPenalties": {"threshold": 0.5}}}}, "/prometheusRule/alerts/rateLimitPenalties/threshold"),
+    ({"prometheusRule": {"alerts": {"certificateExpiry": {"days": 0}}}}, "/prometheusRule/alerts/certificateExpiry/days"),
+    ({"prometheusRule": {"alerts": {"cacheHitRatio": {"minLookupsPerSecond": -0.1}}}}, "/prometheusRule/alerts/cacheHitRatio/minLookupsPerSecond"),
+    ({"prometheusRule": {"alerts": {"redisDown": {"for": "five minutes"}}}}, "/prometheusRule/alerts/redisDown/for"),
+    ({"prometheusRule": {"alerts": {"callsShed": {"severity": ""}}}}, "/prometheusRule/alerts/callsShed/severity"),
+    ({"prometheusRule": {"alerts": {"noReplicaReady": {"enabled": 1}}}}, "/prometheusRule/alerts/noReplicaReady/enabled"),
+    ({"prometheusRule": {"alerts": {"redisDown": {"threshold": 1}}}}, "threshold"),
+    ({"prometheusRule": {"alerts": {"diskFull": {"enabled": True}}}}, "diskFull"),
+    ({"prometheusRule": {"rateWindow": "0m"}}, "/prometheusRule/rateWindow"),
+    ({"prometheusRule": {"errorReasons": {"caller": ["invalid_grant"]}}}, "/prometheusRule/errorReasons/caller/0"),
+    ({"prometheusRule": {"errorReasons": {"ignored": ["SLOW_DOWN", "SLOW_DOWN"]}}}, "/prometheusRule/errorReasons/ignored"),
+    ({"prometheusRule": {"alertLabels": {"severity": "page"}}}, "invalid propertyName 'severity'"),
+    ({"prometheusRule": {"alertLabels": {"team-name": "auth"}}}, "invalid propertyName 'team-name'"),
+    ({"prometheusRule": {"runbookUrl": "https://x.example/runbooks.md#top"}}, "/prometheusRule/runbookUrl"),
+    ({"prometheusRule": {"job": 'tokengate"} or vector(1) #'}}, "/prometheusRule/job"),
+    # ... the dashboard ...
+    ({"dashboard": {"enabled": "true"}}, "/dashboard/enabled"),
+    ({"dashboard": {"labelValue": 1}}, "/dashboard/labelValue"),
+    ({"dashboard": {"labelValue": "not a label value"}}, "/dashboard/labelValue"),
+    ({"dashboard": {"labelKey": "app.kubernetes.io/name"}}, "/dashboard/labelKey"),
+    ({"dashboard": {"namespace": "Grafana"}}, "/dashboard/namespace"),
+    ({"dashboard": {"folder": "Auth"}}, "folder"),
+    # ... and trace export, whose endpoint never carries credentials into the ConfigMap
+    ({"config": {"telemetry": {"otlp_protocol": "http/json"}}}, "/config/telemetry/otlp_protocol"),
+    ({"config": {"telemetry": {"sample_ratio": 1.5}}}, "/config/telemetry/sample_ratio"),
+    ({"config": {"telemetry": {"sample_ratio": "1"}}}, "/config/telemetry/sample_ratio"),
+    ({"config": {"telemetry": {"otlp_endpoint": "otel-collector:4317"}}}, "/config/telemetry/otlp_endpoint"),
+    ({"config": {"telemetry": {"otlp_endpoint": "http://user:s3cr3t@otel:4317"}}}, "/config/telemetry/otlp_endpoint"),
+    ({"config": {"telemetry": {"service_name": ""}}}, "/config/telemetry/service_name"),
+    ({"config": {"telemetry": {"headers": "authorization=Bearer x"}}}, "headers"),
+    ({"networkPolicy": {"egress": {"telemetry": {"port": 4317}}}}, "port"),
 ]
 
 
@@ -249,10 +292,6 @@ TEMPLATE_REFUSALS = [
         "not both",
     ),
     (
-        {"tls": {"enabled": True, "existingSecret": "tg-tls"}},
-        "tls.enabled without tls.mtls cannot pass its probes",
-    ),
-    (
         {"tls": {"enabled": True, "existingSecret": "tg-tls", "mtls": True}, "healthPort": 50051},
         "healthPort (50051) must differ from containerPort",
     ),
@@ -276,6 +315,14 @@ TEMPLATE_REFUSALS = [
     (
         {"upstream": {"caBundle": {"configMap": "ca", "secret": "ca", "key": "ca.crt"}}},
         "not both",
+    ),
+    (
+        {"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False}},
+        "serviceMonitor.enabled needs metrics.enabled",
+    ),
+    (
+        {"serviceMonitor": {"enabled": True, "force": True, "interval": "10s", "scrapeTimeout": "11s"}},
+        "serviceMonitor.scrapeTimeout (11s) must not exceed serviceMonitor.interval (10s)",
     ),
     (
         {"config": {"cache": {"min_remaining": "6m"}}},

@@ -207,19 +207,15 @@ The Secret keys holding private_key_jwt PEM keys, as a JSON list.
 {{- end }}
 
 {{/*
-TLS on the gRPC port: "" (off), or "true". Fails, with the reason, on a TLS setup that could
-not serve: no Secret, or TLS without mTLS. The kubelet's native gRPC probes speak only
-plaintext, and tokengate serves its plaintext health port (server.health_listen) only with mTLS,
-so with TLS alone every probe would fail the handshake and no pod would ever become ready.
+TLS on the gRPC port: "" (off), or "true". Fails, with the reason, without a Secret. The
+kubelet's native gRPC probes speak only plaintext, so with TLS tokengate also serves
+grpc.health.v1 in plaintext on server.health_listen (contract §7), and the probes use that.
 */}}
 {{- define "tokengate.tls" -}}
 {{- $tls := .Values.tls }}
 {{- if $tls.enabled }}
 {{- if not $tls.existingSecret }}
 {{- fail "tls.enabled needs tls.existingSecret: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (e.g. a cert-manager Certificate's secretName)" }}
-{{- end }}
-{{- if not $tls.mtls }}
-{{- fail "tls.enabled without tls.mtls cannot pass its probes: Kubernetes' gRPC probes are plaintext, and tokengate serves the plaintext health port only with mTLS. Set tls.mtls: true, or leave TLS to a mesh (tls.enabled: false)" }}
 {{- end }}
 {{- true }}
 {{- else if $tls.mtls }}
@@ -228,8 +224,8 @@ so with TLS alone every probe would fail the handshake and no pod would ever bec
 {{- end }}
 
 {{/*
-mTLS on the gRPC port: "" (off) or "true". The probes and the `helm test` pod then use the
-plaintext health port, as nothing in Kubernetes can present a client certificate.
+mTLS on the gRPC port: "" (off) or "true": callers must present a certificate from the
+Secret's ca.crt, and `config.callers` can name them by SAN.
 */}}
 {{- define "tokengate.mtls" -}}
 {{- if and (include "tokengate.tls" .) .Values.tls.mtls }}
@@ -238,11 +234,11 @@ plaintext health port, as nothing in Kubernetes can present a client certificate
 {{- end }}
 
 {{/*
-The port the probes and the `helm test` pod check: the plaintext health port with mTLS, else
-the gRPC port.
+The port the probes and the `helm test` pod check: the plaintext health port with TLS (they
+speak neither TLS nor mTLS), else the gRPC port.
 */}}
 {{- define "tokengate.probePort" -}}
-{{- if include "tokengate.mtls" . }}
+{{- if include "tokengate.tls" . }}
 {{- .Values.healthPort | int }}
 {{- else }}
 {{- .Values.containerPort | int }}
@@ -422,7 +418,7 @@ them.
 {{/*
 The tokengate config as a dict, ready for toToml. The keys that name ports and files are the
 chart's, so none of them can drift from the pod spec: `server.listen` comes from containerPort,
-`server.health_listen` (with mTLS) from healthPort, `server.metrics_listen` from metrics.port
+`server.health_listen` (with TLS) from healthPort, `server.metrics_listen` from metrics.port
 (when metrics.enabled), `server.tls.*` from tls.mountPath,
 `upstream.ca_file` from the upstream.caBundle mount, and `client_secret_file` (secret methods)
 and `private_key_file` (private_key_jwt) from secret.mountPath. The assertion settings
@@ -430,9 +426,11 @@ and `private_key_file` (private_key_jwt) from secret.mountPath. The assertion se
 schema admits the assertion settings only for private_key_jwt and client_secret_jwt, as the
 binary does, and so is each client's `cache` switch. The broker's files are the chart's too:
 `cache.key_file` (from the cache key's Secret), `cache.redis.password_file` and
-`cache.redis.ca_file` (from cache.redis). Duplicate client ids, several default clients,
-duplicate caller names, SAN callers without mTLS, allowed_callers naming no caller and a
-min_remaining above refresh_ahead are refused here, before the binary would refuse them.
+`cache.redis.ca_file` (from cache.redis). The `[telemetry]` section is left out when it names
+no otlp_endpoint, so tokengate's OTEL_* environment fallback stays in force. Duplicate client
+ids, several default clients, duplicate caller names, SAN callers without mTLS,
+allowed_callers naming no caller and a min_remaining above refresh_ahead are refused here,
+before the binary would refuse them.
 */}}
 {{- define "tokengate.config" -}}
 {{- $config := deepCopy .Values.config }}
@@ -446,9 +444,9 @@ min_remaining above refresh_ahead are refused here, before the binary would refu
 {{- end }}
 {{- $_ := set $config.server "tls" $tls }}
 {{- end }}
-{{- if $mtls }}
+{{- if include "tokengate.tls" . }}
 {{- if eq (.Values.healthPort | int) (.Values.containerPort | int) }}
-{{- fail (printf "healthPort (%d) must differ from containerPort: with mTLS tokengate serves plaintext health on a port of its own" (.Values.healthPort | int)) }}
+{{- fail (printf "healthPort (%d) must differ from containerPort: with TLS tokengate serves plaintext health on a port of its own" (.Values.healthPort | int)) }}
 {{- end }}
 {{- $_ := set $config.server "health_listen" (printf "0.0.0.0:%d" (.Values.healthPort | int)) }}
 {{- end }}
@@ -457,8 +455,8 @@ min_remaining above refresh_ahead are refused here, before the binary would refu
 {{- if eq $metricsPort (.Values.containerPort | int) }}
 {{- fail (printf "metrics.port (%d) must differ from containerPort: metrics are served on a port of their own" $metricsPort) }}
 {{- end }}
-{{- if and $mtls (eq $metricsPort (.Values.healthPort | int)) }}
-{{- fail (printf "metrics.port (%d) must differ from healthPort: with mTLS tokengate serves plaintext health there" $metricsPort) }}
+{{- if and (include "tokengate.tls" .) (eq $metricsPort (.Values.healthPort | int)) }}
+{{- fail (printf "metrics.port (%d) must differ from healthPort: with TLS tokengate serves plaintext health there" $metricsPort) }}
 {{- end }}
 {{- if eq $metricsPort (.Values.service.port | int) }}
 {{- fail (printf "metrics.port (%d) must differ from service.port: the Service carries both" $metricsPort) }}
@@ -480,6 +478,9 @@ min_remaining above refresh_ahead are refused here, before the binary would refu
 {{- end }}
 {{- if not $config.callers }}
 {{- $_ := unset $config "callers" }}
+{{- end }}
+{{- if not (dig "telemetry" "otlp_endpoint" "" $config) }}
+{{- $_ := unset $config "telemetry" }}
 {{- end }}
 {{- $mount := .Values.secret.mountPath | trimSuffix "/" }}
 {{- $clients := list }}
@@ -578,4 +579,58 @@ stays within the 63-character limit of a label name.
 */}}
 {{- define "tokengate.clientLabel" -}}
 {{- printf "%s-client" (include "tokengate.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Whether to render a Prometheus Operator object: "true" when its values' `enabled` is set and
+the cluster serves monitoring.coreos.com/v1 or its `force` is set, else "". Call with
+(dict "context" $ "values" .Values.serviceMonitor "key" "serviceMonitor"). Both objects read
+the metrics port, so they are refused without metrics.enabled.
+*/}}
+{{- define "tokengate.monitoring" -}}
+{{- if .values.enabled }}
+{{- if not .context.Values.metrics.enabled }}
+{{- fail (printf "%s.enabled needs metrics.enabled: tokengate serves no metrics without it" .key) }}
+{{- end }}
+{{- if or .values.force (.context.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}
+{{- true }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `[telemetry]` section's collector port, from config.telemetry.otlp_endpoint: the explicit
+port, else 443 for https and 80 for http. The NetworkPolicy opens egress to it.
+*/}}
+{{- define "tokengate.telemetryPort" -}}
+{{- $url := urlParse .Values.config.telemetry.otlp_endpoint }}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" }}
+{{- if $port }}
+{{- $port }}
+{{- else if eq $url.scheme "http" }}
+{{- 80 }}
+{{- else }}
+{{- 443 }}
+{{- end }}
+{{- end }}
+
+{{/*
+An alert's labels: its severity plus prometheusRule.alertLabels. Call with
+(dict "severity" ... "labels" ...).
+*/}}
+{{- define "tokengate.alertLabels" -}}
+labels:
+  {{- with .labels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  severity: {{ .severity | quote }}
+{{- end }}
+
+{{/*
+An alert's runbook_url annotation: prometheusRule.runbookUrl plus the anchor of the alert's
+section in docs/runbooks.md (its heading is the alert's name). Call with
+(dict "alert" ... "runbook" ...).
+*/}}
+{{- define "tokengate.runbookUrl" -}}
+runbook_url: {{ printf "%s#%s" .runbook (lower .alert) | quote }}
 {{- end }}
