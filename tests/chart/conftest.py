@@ -26,6 +26,38 @@ RELEASE = "tg"
 NAMESPACE = "auth"
 
 
+# The binary's upper bounds (src/config.rs, MAX_* and check_upper_bounds), as the chart writes
+# them: (key under config, the bound, the least value past it). Counts are bounded by the
+# schema, durations at render time (a schema cannot compare the number inside "11m").
+UPPER_BOUNDS = [
+    ("server.max_concurrent_calls", 1_000_000, 1_000_001),
+    ("server.max_queued_calls", 1_000_000, 1_000_001),
+    ("upstream.max_connections", 100_000, 100_001),
+    ("cache.max_entries", 100_000_000, 100_000_001),
+    ("server.shutdown_grace_period", "60m", "3601s"),
+    ("upstream.connect_timeout", "10m", "600001ms"),
+    ("upstream.request_timeout", "10m", "600001ms"),
+    ("cache.redis.timeout", "10m", "600001ms"),
+    ("cache.refresh_ahead", "1440m", "86400001ms"),
+    ("cache.min_remaining", "1440m", "86400001ms"),
+    ("cache.replay_window", "1440m", "86400001ms"),
+]
+
+
+def config_values(key: str, value) -> dict:
+    """Chart values setting config.<key> (dotted) to value. min_remaining must not exceed
+    refresh_ahead, so refresh_ahead comes along at its own bound."""
+    values: dict = {"config": {}}
+    node = values["config"]
+    *parents, leaf = key.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+    if key == "cache.min_remaining":
+        values["config"]["cache"]["refresh_ahead"] = "1440m"
+    return values
+
+
 def load_values(name: str) -> dict:
     """The values of tests/chart/values/<name>.yaml."""
     return yaml.safe_load((VALUES_DIR / f"{name}.yaml").read_text()) or {}

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import CHART, REPO, Rendered, load_values
+from conftest import CHART, REPO, UPPER_BOUNDS, Rendered, load_values
 
 LIVENESS_SERVICE = ""
 READINESS_SERVICE = "tokengate.v1.TokenService"
@@ -1502,3 +1502,33 @@ def test_schema_and_binary_agree_on_redis_urls(schemaless_chart, tokengate_bin, 
     expected = [(url, ok and url not in REDIS_URLS_WITH_PASSWORDS, ok) for url, ok in REDIS_URLS] + [
         (url, False, True) for url in REDIS_URLS_WITH_PASSWORDS]
     assert [v[:3] for v in verdicts] == expected, verdicts
+
+
+def test_the_chart_at_its_upper_bounds_is_the_binarys(tokengate_bin, tmp_path):
+    """Every count and duration at its bound at once (the fleet set, so the Redis timeout is in
+    use): the chart renders it and `tokengate check-config` accepts it. One past any bound in that
+    same config, the binary refuses it naming the key, so the chart's bounds are the binary's."""
+    values = load_values("fleet")
+    for key, bound, _ in UPPER_BOUNDS:
+        node = values["config"]
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = bound
+    r = Rendered(values)
+    (tmp_path / "at").mkdir()
+    proc = check_config(tokengate_bin, r, tmp_path / "at")
+    assert proc.returncode == 0, proc.stderr
+    for key, bound, past in UPPER_BOUNDS:
+        line = re.compile(rf"(?m)^(\s*{re.escape(key.rsplit('.', 1)[1])} = ){re.escape(json.dumps(bound))}$")
+
+        def edit(text: str, line=line, past=past) -> str:
+            edited, count = line.subn(rf"\g<1>{json.dumps(past)}", text)
+            assert count == 1, (line.pattern, text)
+            return edited
+
+        directory = tmp_path / key
+        directory.mkdir()
+        proc = binary_accepts(tokengate_bin, r, directory, edit)
+        assert proc.returncode == 64, proc
+        assert f"{key} must be at most" in proc.stderr, proc.stderr

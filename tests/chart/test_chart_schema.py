@@ -1,5 +1,6 @@
-"""values.schema.json: wrong types and unknown keys are refused by install-time validation
-(render) and by lint, and values.yaml is documented and covered by the schema."""
+"""values.schema.json: wrong types, unknown keys and values past the binary's upper bounds are
+refused by install-time validation (render) and by lint, and values.yaml is documented and
+covered by the schema."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from conftest import CHART, NAMESPACE, load_values, render
+from conftest import CHART, NAMESPACE, UPPER_BOUNDS, Rendered, config_values, load_values, render
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 
@@ -495,3 +496,52 @@ def test_the_fleet_example_in_values_yaml_is_the_tested_fleet():
 
     assert shown and set(shown) >= {"replicaCount", "config", "cache", "networkPolicy"}
     contained(shown, fleet)
+
+
+def config_at(r, key: str):
+    node = r.config
+    for name in key.split("."):
+        node = node[name]
+    return node
+
+
+@pytest.mark.parametrize("key,bound,past", UPPER_BOUNDS, ids=[k for k, _, _ in UPPER_BOUNDS])
+def test_the_upper_bound_itself_is_admitted(key, bound, past):
+    """The binary's bound renders (schema and templates), into the config unchanged."""
+    assert config_at(Rendered(config_values(key, bound)), key) == bound
+
+
+@pytest.mark.parametrize("key,bound,past", UPPER_BOUNDS, ids=[k for k, _, _ in UPPER_BOUNDS])
+def test_one_past_the_upper_bound_is_refused_naming_the_key(key, bound, past):
+    """Counts by the schema (helm install and helm lint); durations at render time (helm
+    install and helm template), as no schema can compare the number inside "11m"."""
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as error:
+        render(config_values(key, past))
+    if isinstance(bound, int):
+        assert error.type is helm.HelmValuesError
+        expected = f"/config/{key.replace('.', '/')}"
+        report = helm.lint(CHART, config_values(key, past), strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+        assert any(expected in e for e in report["errors"]), report
+    else:
+        assert error.type is helm.HelmRenderError
+        expected = f"config.{key} ({past}) must be at most"
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("upstream.request_timeout", "99999999999999999999m"),
+        ("cache.replay_window", "9223372036854775807ms"),
+        ("server.shutdown_grace_period", "153722867280912931m"),  # wraps int64 in milliseconds
+        ("server.max_concurrent_calls", 10**20),
+    ],
+)
+def test_a_huge_value_is_refused_not_wrapped(key, value):
+    """Numbers far past int64 milliseconds are refused, not wrapped round into small ones."""
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as error:
+        render(config_values(key, value))
+    if isinstance(value, int):
+        assert f"/config/{key.replace('.', '/')}" in str(error.value)
+    else:
+        assert f"config.{key} ({value}) must be at most" in str(error.value)

@@ -327,6 +327,30 @@ milliseconds, to compare two of them. Call with the string.
 {{- end }}
 
 {{/*
+The durations' upper bounds, the binary's (src/config.rs, check_upper_bounds): a JSON schema
+cannot compare the number inside "11m", so they are checked here, naming the key. A number of
+more than twelve digits is past every bound and is refused before it could overflow the
+arithmetic. Call with the context.
+*/}}
+{{- define "tokengate.checkDurationBounds" -}}
+{{- $c := .Values.config }}
+{{- $bounds := list
+  (list "server.shutdown_grace_period" $c.server.shutdown_grace_period 3600000 "60m (1h)")
+  (list "upstream.connect_timeout" $c.upstream.connect_timeout 600000 "10m")
+  (list "upstream.request_timeout" $c.upstream.request_timeout 600000 "10m")
+  (list "cache.redis.timeout" $c.cache.redis.timeout 600000 "10m")
+  (list "cache.refresh_ahead" $c.cache.refresh_ahead 86400000 "1440m (24h)")
+  (list "cache.min_remaining" $c.cache.min_remaining 86400000 "1440m (24h)")
+  (list "cache.replay_window" $c.cache.replay_window 86400000 "1440m (24h)") }}
+{{- range $bounds }}
+{{- $value := index . 1 | toString }}
+{{- if or (gt (len (regexFind "^[0-9]*" $value)) 12) (gt (include "tokengate.durationMillis" $value | int64) (index . 2 | int64)) }}
+{{- fail (printf "config.%s (%s) must be at most %s: tokengate refuses a longer one" (index . 0) $value (index . 3)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The redis cache backend: "" (memory) or "true". The Redis files (cache.redis.password and
 cache.redis.caBundle) are refused without it, so a fleet that meant to share Redis cannot run
 on per-pod memory caches unnoticed; the CA bundle is refused unless some URL is rediss://, as it
@@ -429,10 +453,11 @@ binary does, and so is each client's `cache` switch. The broker's files are the 
 `cache.redis.ca_file` (from cache.redis). The `[telemetry]` section is left out when it names
 no otlp_endpoint, so tokengate's OTEL_* environment fallback stays in force. Duplicate client
 ids, several default clients, duplicate caller names, SAN callers without mTLS,
-allowed_callers naming no caller and a min_remaining above refresh_ahead are refused here,
-before the binary would refuse them.
+allowed_callers naming no caller, a min_remaining above refresh_ahead and durations past the
+binary's upper bounds are refused here, before the binary would refuse them.
 */}}
 {{- define "tokengate.config" -}}
+{{- include "tokengate.checkDurationBounds" . }}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.server "listen" (printf "0.0.0.0:%d" (.Values.containerPort | int)) }}
 {{- $mtls := include "tokengate.mtls" . }}
