@@ -24,11 +24,17 @@ backend also counts Redis commands (health-check PINGs aside): a fresh local lay
 Every round runs on fresh processes. The CPU that other processes use is counted during each
 timed run (procs.Foreign): the harness waits for a quiet machine before a round, and runs a
 round again when others disturbed it (both bounded; the table says how often it happened).
+
+What metrics cost (MetricsCost; `--only metrics` measures nothing else): the same tokengate
+with and without `server.metrics_listen`, in interleaved rounds of fresh processes: its CPU per
+call at saturation on the two hot paths (cache hit, forwarding), with `/metrics` scraped every
+second, as Prometheus would, while the metrics-on process is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +62,13 @@ HALF_RATE_CONNECTIONS = 16
 # own threads stay well below it on a quiet machine.
 DISTURBED_CORES = 0.05
 TICKS = os.sysconf("SC_CLK_TCK")
+# Metrics on may cost at most this much more CPU per call (issue 11).
+METRICS_BUDGET = 0.03
+# The hot paths whose cost with metrics on is measured, by their subject names.
+METRICS_PATHS = ("hit", "tokengate")
+# Prometheus 2.x's own Accept header: OpenMetrics first.
+SCRAPE_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                 "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 # The subjects, in the order of the first round (later rounds rotate it).
 SUBJECTS = ["echo", "translator", "tokengate", "hit", "hit_redis", "before", "direct"]
 LABELS = {"echo": "tonic echo (no upstream)", "translator": "minimal translator → upstream",
@@ -69,6 +83,9 @@ class Settings:
     """How long and how often; `--smoke` shrinks everything to check that the harness works."""
 
     rounds: int = 5
+    # What metrics cost is a few per cent; one fresh process differs from the next by about
+    # as much, so its median takes more rounds.
+    metrics_rounds: int = 10
     warmup_s: int = 3
     saturation_s: int = 10
     latency_calls: int = 20_000
@@ -83,8 +100,8 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> "Settings":
-        return cls(rounds=1, warmup_s=1, saturation_s=1, latency_calls=300, half_rate_s=1,
-                   inflight_s=2, startup_runs=3, extra_rounds=0, quiet_wait_s=0)
+        return cls(rounds=1, metrics_rounds=1, warmup_s=1, saturation_s=1, latency_calls=300,
+                   half_rate_s=1, inflight_s=2, startup_runs=3, extra_rounds=0, quiet_wait_s=0)
 
 
 @dataclass
@@ -507,6 +524,168 @@ def derive(result: dict) -> None:
                                "p50_delta": lat["tokengate"]["p50"] - lat["before"]["p50"]}
 
 
+class Scraper:
+    """GETs `/metrics` every `interval` seconds while in use, as Prometheus does (first at
+    once). Every answer must be a whole OpenMetrics exposition holding the gRPC families (so
+    the per-RPC layer is on); `scrapes` counts them."""
+
+    def __init__(self, addr: str, interval: float = 1.0):
+        self.url = f"http://{addr}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "Scraper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.scrape()
+            except (OSError, ValueError) as e:
+                self.problems.append(f"{self.url}: {e}")
+            if self._stop.wait(self.interval):
+                return
+
+    def scrape(self) -> None:
+        request = urllib.request.Request(self.url, headers={"Accept": SCRAPE_ACCEPT})
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            kind, body = reply.headers.get("content-type", ""), reply.read()
+        check_exposition(kind, body)
+        self.scrapes += 1
+
+    def verify(self, at_least: int) -> None:
+        """Refuses a run whose scrapes failed or were too few to cost what Prometheus costs."""
+        if self.problems:
+            raise BenchError("; ".join(self.problems[:3]))
+        if self.scrapes < at_least:
+            raise BenchError(f"{self.url}: {self.scrapes} scrapes, not at least {at_least}")
+
+
+def check_exposition(content_type: str, body: bytes) -> None:
+    """A `/metrics` answer to Prometheus: OpenMetrics, whole, with the gRPC server families."""
+    if not content_type.startswith("application/openmetrics-text"):
+        raise ValueError(f"content type {content_type!r}, not OpenMetrics")
+    if not body.endswith(b"# EOF\n"):
+        raise ValueError("an exposition without its closing # EOF")
+    if b"\ngrpc_server_handled_total{" not in body:
+        raise ValueError("no grpc_server_handled_total series: the per-RPC layer is off")
+
+
+class MetricsCost(Bench):
+    """The same tokengate with metrics off and on (`server.metrics_listen`, which also puts
+    the per-RPC layer in place), each answering cache hits and forwarding, in interleaved
+    rounds of fresh processes (Bench's round loop: quiet machine, disturbed rounds again).
+    While a metrics-on subject is saturated, `/metrics` is scraped every second."""
+
+    def _start(self, before: Path | None) -> None:
+        work = self.work
+        self.upstream = Server("upstream", [str(BENCH), "upstream"], LOAD_CPU)
+        frames = {}
+        for client in (PASS_CLIENT, CACHED_CLIENT):
+            frames[client] = work / f"metrics-{client}.grpc"
+            run([str(BENCH), "frame", str(frames[client]), "--client", client])
+        serve = lambda config: [str(TOKENGATE), "serve", "--config", str(config)]  # noqa: E731
+        self.specs = {
+            "metrics off": (serve(write_config(work / "metrics-off.toml", self.upstream)), ()),
+            "metrics on": (serve(write_config(work / "metrics-on.toml", self.upstream,
+                                              metrics=True)), ()),
+        }
+        subjects = []
+        for name, client, source, posts in (("tokengate", PASS_CLIENT, "upstream", "one"),
+                                            ("hit", CACHED_CLIENT, "cache", "none")):
+            subjects += [Subject(name, "metrics off", frames[client], client, source, posts),
+                         Subject(f"{name}_metrics", "metrics on", frames[client], client,
+                                 source, posts)]
+        self.subjects = {s.name: s for s in subjects}
+        for name in self.specs:
+            self._launch(name)
+        if self.live["metrics on"].metrics_addr is None:
+            raise BenchError("tokengate with metrics_listen logged no metrics address")
+        self._prime()
+        self.frame_bytes = {s.name: check(s) for s in subjects}
+
+    @property
+    def order(self) -> list[str]:
+        return [n for path in METRICS_PATHS for n in (path, f"{path}_metrics")]
+
+    def one_round(self, order: list[str], r: int) -> tuple[dict, dict[str, list[int]]]:
+        """Warm-up, then each subject's CPU per call at saturation, in a rotating order."""
+        for subject in self.subjects.values():
+            self.grpc(subject, [f"-D{self.s.warmup_s}", "-c4", "-m32"])
+        result: dict = {"saturation": {}, "foreign_cores": {}}
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            subject = self.subjects[name]
+            if subject.server.metrics_addr is None:
+                sat = self.saturate(subject)
+            else:
+                with Scraper(subject.server.metrics_addr) as scraper:
+                    sat = self.saturate(subject)
+                scraper.verify(at_least=max(1, self.s.saturation_s))
+                sat["scrapes"] = scraper.scrapes
+            result["saturation"][name] = sat
+            result["foreign_cores"][f"{name}_saturation"] = sat["foreign_cores"]
+        derive_metrics(result)
+        return result, {}
+
+    def measure(self) -> dict:
+        rounds, discarded, _ = self.rounds()
+        return {"rounds": rounds, "discarded_rounds": discarded,
+                "waited_for_quiet_s": self.waited_s}
+
+
+def derive_metrics(result: dict) -> None:
+    """A round's cost of metrics per path: CPU per call with them over without, less one."""
+    cpu = {name: x["cpu_us_per_call"] for name, x in result["saturation"].items()}
+    result["metrics_cost"] = {path: cpu[f"{path}_metrics"] / cpu[path] - 1
+                              for path in METRICS_PATHS}
+
+
+def metrics_rows(m: dict) -> list[tuple[str, str, str, str]]:
+    """The table's rows for what metrics cost (`m`: MetricsCost.measure's result)."""
+    rounds = m["rounds"]
+    cost = lambda path: [100 * r["metrics_cost"][path] for r in rounds]  # noqa: E731
+    cpu = lambda name: spread([r["saturation"][name]["cpu_us_per_call"]  # noqa: E731
+                               for r in rounds])
+    scrapes = sum(x.get("scrapes", 0) for r in rounds for x in r["saturation"].values())
+    target = f"≤ +{100 * METRICS_BUDGET:g} %"
+    # (the tolerance only keeps float noise off the boundary: 20.6 / 20 − 1 > 0.03)
+    met = lambda path: median(cost(path)) <= 100 * METRICS_BUDGET + 1e-9  # noqa: E731
+    return [
+        (f"**Metrics on** (`server.metrics_listen` set, `/metrics` scraped every second: "
+         f"{scrapes} scrapes): CPU per call over metrics off, cache hit (on / off: "
+         f"{cpu('hit_metrics')} / {cpu('hit')} µs)", spread(cost("hit"), "{:+.1f}") + " %",
+         target, verdict(met("hit"))),
+        (f"… forwarding (on / off: {cpu('tokengate_metrics')} / {cpu('tokengate')} µs)",
+         spread(cost("tokengate"), "{:+.1f}") + " %", target, verdict(met("tokengate"))),
+    ]
+
+
+def metrics_table(results: dict) -> str:
+    """results.md of `--only metrics`: the cost of metrics alone."""
+    m, env, s = results["metrics"], results["environment"], results["settings"]
+    rows = metrics_rows(m)
+    lines = ["| figure | measured: median (min–max) | target | |", "|---|---|---|---|",
+             *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
+             f"{len(m['rounds'])} interleaved round(s) of fresh processes; saturation "
+             f"{s['saturation_s']} s at 4 connections × 32 streams per subject. tokengate "
+             f"{env['commit']}, {env['date']}; {env['cpu']}, {env['nproc']} CPUs; load average "
+             f"{env.get('load_before', 'n/a')} at the start. {disturbance(m['rounds'])}"
+             f"{set_aside(m['discarded_rounds'], m['waited_for_quiet_s'])}"]
+    if results.get("smoke"):
+        lines.insert(0, "**Smoke run: too short to mean anything; it only shows the harness "
+                        "works.**\n")
+    return "\n".join(lines) + "\n"
+
+
 def core_busy(since: dict | None = None) -> dict:
     """Per-core busy share since `since` (a previous raw reading), or a raw reading."""
     raw = {}
@@ -725,6 +904,8 @@ def table(results: dict) -> str:
             f"{fill['bytes_per_entry'] / 1024:.2f} KiB per entry over idle "
             f"{mib(fill['idle_kib'])}", "", "" if fill["met"] else
             "**invalid**: " + "; ".join(fill["problems"])))
+    if "metrics" in results:
+        rows += metrics_rows(results["metrics"])
     rows.append(("exec → SERVING (ms)", f"{spread(st['tokengate'], '{:.1f}')} (echo "
                  f"{spread(st['echo'], '{:.1f}')})", "≤ 20",
                  verdict(median(st["tokengate"]) <= 20)))
@@ -742,6 +923,11 @@ def table(results: dict) -> str:
         f"h2load, the upstream and Redis on CPU {LOAD_CPU}; tokengate ran "
         f"{rss['tokengate_threads']} threads. {disturbance(rounds)}{aside}",
     ]
+    if m := results.get("metrics"):
+        lines[-1] += (f" What metrics cost was measured in {len(m['rounds'])} rounds of its own "
+                      f"(the same tokengate with and without `metrics_listen`, fresh processes "
+                      f"each round). {disturbance(m['rounds'])}"
+                      f"{set_aside(m['discarded_rounds'], m['waited_for_quiet_s'])}")
     if "broker" in results:
         lines += ["", "Upstream POSTs per 1,000 client calls (the token broker):", "",
                   broker.table(results["broker"]).rstrip("\n")]
@@ -812,27 +998,38 @@ def main() -> int:
                         help="a short run that checks the harness works; its numbers mean nothing")
     parser.add_argument("--out", type=Path, help="where the table, plot and JSON go "
                         "(default bench/results, or target/bench-smoke with --smoke)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, and 10 for "
+                        "what metrics cost)")
     parser.add_argument("--before", type=Path, metavar="BINARY",
                         help="tokengate built from before the broker: its forwarding path is "
                         "measured beside today's (bench/run --before REV builds it)")
     parser.add_argument("--before-rev", help="the revision --before was built from (reported)")
     parser.add_argument("--skip-broker", action="store_true",
                         help="leave out the broker's POST counts and the 100,000-entry fill")
+    parser.add_argument("--only", choices=["metrics"],
+                        help="measure only this: `metrics`, what metrics cost per call")
+    parser.add_argument("--quiet-wait", type=int, metavar="SECONDS",
+                        help="longest wait in all for a quiet machine before rounds "
+                        "(default 1800; 0 on a machine that is never quiet)")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                         help="measure nothing: write results.md again from a results.json")
     args = parser.parse_args()
     if args.render:
         results = json.loads(args.render.read_text())
-        md = table(results)
+        md = metrics_table(results) if results.get("only") == "metrics" else table(results)
         (args.render.parent / "results.md").write_text(md)
         print(md)
         return 0
     settings = Settings.smoke() if args.smoke else Settings()
     broker_settings = broker.BrokerSettings.smoke() if args.smoke else broker.BrokerSettings()
     if args.rounds:
-        settings.rounds = args.rounds
-    out = args.out or ROOT / ("target/bench-smoke" if args.smoke else "bench/results")
+        settings.rounds = settings.metrics_rounds = args.rounds
+    if args.quiet_wait is not None:
+        settings.quiet_wait_s = args.quiet_wait
+    default_out = "target/bench-smoke" if args.smoke else "bench/results"
+    if args.only:
+        default_out = f"target/bench-{args.only}" + ("-smoke" if args.smoke else "")
+    out = args.out or ROOT / default_out
     if len(os.sched_getaffinity(0)) < 2 or not {SUT_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
         print(f"bench: needs CPUs {LOAD_CPU} and {SUT_CPU}", file=sys.stderr)
         return 2
@@ -844,6 +1041,9 @@ def main() -> int:
     foreign = Foreign()
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     commit = source_commit()
+
+    if args.only == "metrics":
+        return only_metrics(settings, foreign, out, args.smoke, commit, load_before)
 
     with tempfile.TemporaryDirectory(prefix="tokengate-bench-") as tmp:
         work = Path(tmp)
@@ -859,6 +1059,7 @@ def main() -> int:
                   f"{json.dumps(results['inflight_uncapped'])}", flush=True)
             results["startup"] = startup(settings, work)
             print(f"startup ms: {json.dumps(results['startup'])}", flush=True)
+            results["metrics"] = measure_metrics(settings, work, foreign)
             if not args.skip_broker:
                 # The harness is pinned to CPU 0; the broker scenarios use both cores.
                 os.sched_setaffinity(0, {LOAD_CPU, SUT_CPU})
@@ -881,6 +1082,39 @@ def main() -> int:
     print()
     print(md)
     print(f"wrote {out / 'results.md'}, {out / 'latency.png'} and {out / 'results.json'}")
+    return 0
+
+
+def measure_metrics(settings: Settings, work: Path, foreign: Foreign | None) -> dict:
+    """MetricsCost's `metrics_rounds` rounds, on processes of its own."""
+    cost = MetricsCost(dataclasses.replace(settings, rounds=settings.metrics_rounds), work, None,
+                       foreign)
+    try:
+        m = cost.measure()
+    finally:
+        cost.close()
+    print(f"metrics cost: {json.dumps([r['metrics_cost'] for r in m['rounds']])}", flush=True)
+    return m
+
+
+def only_metrics(settings: Settings, foreign: Foreign, out: Path, smoke: bool, commit: str,
+                 load_before: str) -> int:
+    """`--only metrics`: what metrics cost, and nothing else, into `out`."""
+    with tempfile.TemporaryDirectory(prefix="tokengate-bench-") as tmp:
+        try:
+            m = measure_metrics(settings, Path(tmp), foreign)
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 1
+    results = {"only": "metrics", "metrics": m, "settings": settings.__dict__, "smoke": smoke,
+               "environment": {**environment(), "commit": commit, "load_before": load_before}}
+    out.mkdir(parents=True, exist_ok=True)
+    md = metrics_table(results)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(md)
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0
 
 

@@ -33,7 +33,9 @@ class BenchError(RuntimeError):
 class Server:
     """A child process (pinned when `cpu` is given) whose stdout is drained (tokengate logs
     every call to stdout, and a full pipe would stall it) and searched for the address it
-    listens on, and for the `watch` strings, which it counts."""
+    listens on, and for the `watch` strings, which it counts. A line that names an address and
+    says `metrics` is tokengate's `/metrics` listener (logged before it listens for gRPC): that
+    address is `metrics_addr`, not `addr`."""
 
     def __init__(self, name: str, argv: list[str], cpu: int | None,
                  watch: tuple[str, ...] = ()):
@@ -42,6 +44,7 @@ class Server:
             argv = ["taskset", "-c", str(cpu), *argv]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.addr: str | None = None
+        self.metrics_addr: str | None = None
         self.seen = {w: 0 for w in watch}
         self._lock = threading.Lock()
         self._seen = threading.Event()
@@ -61,9 +64,15 @@ class Server:
                 pending += chunk
                 text = pending.decode(errors="replace")
                 self._head.append(text)
-                if m := re.search(r"127\.0\.0\.1:(\d+)", text):
+                for line in text.splitlines():
+                    if not (m := re.search(r"127\.0\.0\.1:(\d+)", line)):
+                        continue
+                    if "metrics" in line:
+                        self.metrics_addr = f"127.0.0.1:{m.group(1)}"
+                        continue
                     self.addr = f"127.0.0.1:{m.group(1)}"
                     self._seen.set()
+                    break
             if self.seen:
                 text = carry + chunk.decode(errors="replace")
                 with self._lock:
@@ -305,12 +314,14 @@ class Redis:
 
 
 def write_config(path: Path, upstream: Server, *, max_connections: int | None = None,
-                 cache: dict | None = None, broker: bool = True) -> Path:
+                 cache: dict | None = None, broker: bool = True, metrics: bool = False) -> Path:
     """Two registered clients: `bench-app` (the default, cached) and `bench-pass`
     (`cache = false`: every call goes upstream). `cache` holds `[cache]` keys, with
     `redis_url` (and `redis_timeout`) for `[cache.redis]`. `broker = False` writes a config
-    that tokengate before the broker reads (no cache keys at all)."""
+    that tokengate before the broker reads (no cache keys at all). `metrics` turns on
+    `/metrics` (and so the per-RPC recording) on a free port."""
     limit = "" if max_connections is None else f"max_connections = {max_connections}\n"
+    metrics_listen = 'metrics_listen = "127.0.0.1:0"\n' if metrics else ""
     sections = ""
     if cache:
         cache = dict(cache)
@@ -326,7 +337,7 @@ def write_config(path: Path, upstream: Server, *, max_connections: int | None = 
     path.write_text(f"""\
 [server]
 listen = "127.0.0.1:0"
-
+{metrics_listen}
 [upstream]
 base_url = "http://{upstream.addr}"
 allow_insecure_http = true

@@ -13,6 +13,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::{KeyReload, Metrics};
+
 /// How long a signed assertion is valid. Short: it is used at once, and RFC 7523 asks the
 /// server to reject expired ones.
 pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -111,6 +113,9 @@ pub struct Signer {
     key_id: Option<String>,
     audience: String,
     key: Key,
+    /// Assertions signed so far: unit tests prove that shed calls sign nothing.
+    #[cfg(test)]
+    pub(crate) signed: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Signer {
@@ -151,6 +156,8 @@ impl Signer {
                 path: path.to_owned(),
                 current,
             },
+            #[cfg(test)]
+            signed: Default::default(),
         })
     }
 
@@ -167,6 +174,8 @@ impl Signer {
             key_id,
             audience,
             key: Key::Secret(EncodingKey::from_secret(secret.expose_secret().as_bytes())),
+            #[cfg(test)]
+            signed: Default::default(),
         }
     }
 
@@ -183,6 +192,9 @@ impl Signer {
             exp: now + ASSERTION_LIFETIME.as_secs(),
             jti: uuid::Uuid::new_v4().to_string(),
         };
+        #[cfg(test)]
+        self.signed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut header = Header::new(self.alg.jws());
         header.kid.clone_from(&self.key_id);
         let signed = match &self.key {
@@ -201,14 +213,15 @@ impl Signer {
             .map_err(|e| format!("cannot sign the client assertion: {e}"))
     }
 
-    /// Re-reads the key file if it changed since the last read. A file that fails to
-    /// parse keeps the previous key in use, and is tried again on the next change.
-    pub async fn reload_if_changed(&self) {
+    /// Re-reads the key file if it changed since the last read, and says how that went
+    /// (`None`: unchanged, or no key file). A file that fails to parse keeps the previous
+    /// key in use, and is tried again on the next change.
+    pub async fn reload_if_changed(&self) -> Option<KeyReload> {
         let Key::File { path, current } = &self.key else {
-            return;
+            return None;
         };
         let Ok(metadata) = tokio::fs::metadata(path).await else {
-            return;
+            return None;
         };
         let stamp = FileStamp::of(&metadata);
         let last = current
@@ -216,7 +229,7 @@ impl Signer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .1;
         if stamp == last {
-            return;
+            return None;
         }
         let parsed = match tokio::fs::read(path).await {
             Ok(pem) => parse_private_key(&pem, self.alg),
@@ -229,18 +242,21 @@ impl Signer {
             Ok(key) => {
                 *current = (Arc::new(key), stamp);
                 tracing::info!(client_id = %self.client_id, path = %path.display(), "reloaded the signing key");
+                Some(KeyReload::Ok)
             }
             Err(error) => {
                 // Remember the stamp so a broken file is reported once, not every second.
                 current.1 = stamp;
                 tracing::warn!(client_id = %self.client_id, path = %path.display(), %error, "the changed signing key cannot be used; keeping the previous one");
+                Some(KeyReload::Error)
             }
         }
     }
 }
 
-/// Reloads every signer's key file as it changes, until the task is dropped.
-pub async fn watch_keys(signers: Vec<Arc<Signer>>) {
+/// Reloads every signer's key file as it changes, counting each reload, until the task is
+/// dropped.
+pub async fn watch_keys(signers: Vec<Arc<Signer>>, metrics: Arc<Metrics>) {
     if !signers.iter().any(|s| matches!(s.key, Key::File { .. })) {
         return;
     }
@@ -249,7 +265,9 @@ pub async fn watch_keys(signers: Vec<Arc<Signer>>) {
     loop {
         tick.tick().await;
         for signer in &signers {
-            signer.reload_if_changed().await;
+            if let Some(reload) = signer.reload_if_changed().await {
+                metrics.signing_key_reload(reload);
+            }
         }
     }
 }
@@ -358,18 +376,18 @@ mod tests {
         );
         verify(&signer.sign().unwrap(), &old, SigningAlg::RS256);
 
-        signer.reload_if_changed().await;
+        assert_eq!(signer.reload_if_changed().await, None, "unchanged");
         verify(&signer.sign().unwrap(), &old, SigningAlg::RS256);
 
         // A rotated Secret: the new key has a different size, so the stamp changes even
         // when the modification time has a coarse resolution.
         let rotated = std::fs::read_to_string(fixture("rsa-b.pem")).unwrap() + "\n";
         std::fs::write(&path, rotated).unwrap();
-        signer.reload_if_changed().await;
+        assert_eq!(signer.reload_if_changed().await, Some(KeyReload::Ok));
         verify(&signer.sign().unwrap(), &new, SigningAlg::RS256);
 
         std::fs::write(&path, "not a key").unwrap();
-        signer.reload_if_changed().await;
+        assert_eq!(signer.reload_if_changed().await, Some(KeyReload::Error));
         verify(&signer.sign().unwrap(), &new, SigningAlg::RS256);
     }
 }

@@ -328,3 +328,188 @@ def test_a_disturbed_round_is_set_aside_and_run_again():
     assert "2 more round(s) were set aside" in md_note and "up to 0.30" in md_note
     assert "waited 3 min" in harness.set_aside([], 180)
     assert harness.set_aside([], 30) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# What metrics cost
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+EXPOSITION = (b"# TYPE grpc_server_handled counter\n"
+              b'grpc_server_handled_total{grpc_code="OK"} 3\n# EOF\n')
+
+
+class Exposition:
+    """A local `/metrics` on 127.0.0.1 that answers `content_type` and `body`, counting GETs."""
+
+    def __init__(self, content_type: str = OPENMETRICS, body: bytes = EXPOSITION):
+        import http.server
+        import threading
+
+        outer = self
+        self.gets = 0
+        self.accept = None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.gets += 1
+                outer.accept = self.headers.get("Accept")
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_until(predicate, timeout: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_an_exposition_must_be_whole_openmetrics_with_the_grpc_families():
+    harness.check_exposition(OPENMETRICS, EXPOSITION)
+    with pytest.raises(ValueError, match="not OpenMetrics"):
+        harness.check_exposition("text/plain; version=0.0.4", EXPOSITION)
+    with pytest.raises(ValueError, match="EOF"):
+        harness.check_exposition(OPENMETRICS, EXPOSITION[:-6])
+    with pytest.raises(ValueError, match="per-RPC layer is off"):
+        harness.check_exposition(OPENMETRICS, b"process_open_fds 9\n# EOF\n")
+
+
+def test_the_scraper_scrapes_as_prometheus_does_until_stopped():
+    target = Exposition()
+    try:
+        with harness.Scraper(target.addr, interval=0.01) as scraper:
+            wait_until(lambda: scraper.scrapes >= 3)
+        done = scraper.scrapes
+        assert done == target.gets
+        assert target.accept == harness.SCRAPE_ACCEPT
+        scraper.verify(at_least=3)
+        with pytest.raises(harness.BenchError, match="not at least"):
+            scraper.verify(at_least=done + 1)
+        assert target.gets == done, "no scrape after the scraper stopped"
+    finally:
+        target.close()
+
+
+def test_a_failed_scrape_refuses_the_run():
+    target = Exposition(content_type="text/plain; version=0.0.4")
+    try:
+        with harness.Scraper(target.addr, interval=0.01) as scraper:
+            wait_until(lambda: scraper.problems)
+        with pytest.raises(harness.BenchError, match="not OpenMetrics"):
+            scraper.verify(at_least=0)
+    finally:
+        target.close()
+
+
+def test_the_metrics_address_is_told_apart_from_the_grpc_one(tmp_path):
+    script = ("echo 'INFO serving metrics addr=127.0.0.1:2'; "
+              "echo 'INFO listening addr=127.0.0.1:1 tls=false'; sleep 5")
+    server = procs.Server("sh", ["sh", "-c", script], None)
+    try:
+        assert (server.addr, server.metrics_addr) == ("127.0.0.1:1", "127.0.0.1:2")
+    finally:
+        server.stop()
+
+    class Upstream:
+        addr = "127.0.0.1:9"
+
+    on = procs.write_config(tmp_path / "on.toml", Upstream(), metrics=True).read_text()
+    assert on.startswith('[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = "127.0.0.1:0"\n')
+    off = procs.write_config(tmp_path / "off.toml", Upstream()).read_text()
+    assert "metrics_listen" not in off
+
+
+def metrics_round(cpu: dict) -> dict:
+    result = {"saturation": {n: {"cpu_us_per_call": v, "scrapes": 10 if "metrics" in n else 0}
+                             for n, v in cpu.items()}}
+    harness.derive_metrics(result)
+    return result
+
+
+def test_the_cost_of_metrics_is_cpu_per_call_with_them_over_without():
+    r = metrics_round({"hit": 20.0, "hit_metrics": 20.5, "tokengate": 40.0,
+                       "tokengate_metrics": 41.6})
+    assert r["metrics_cost"]["hit"] == pytest.approx(0.025)
+    assert r["metrics_cost"]["tokengate"] == pytest.approx(0.04)
+
+
+def test_the_metrics_rows_judge_each_path_against_three_per_cent():
+    def m(hit_on: float, fwd_on: float) -> dict:
+        r = metrics_round({"hit": 20.0, "hit_metrics": hit_on, "tokengate": 40.0,
+                           "tokengate_metrics": fwd_on})
+        return {"rounds": [r, r, r], "discarded_rounds": [], "waited_for_quiet_s": 0}
+
+    rows = harness.metrics_rows(m(20.6, 41.2))  # +3.0 % each: met
+    assert [row[3] for row in rows] == ["met", "met"]
+    assert rows[0][1] == "+3.0 (+3.0–+3.0) %"
+    assert "60 scrapes" in rows[0][0]
+    rows = harness.metrics_rows(m(20.7, 40.4))  # +3.5 % on a hit, +1 % forwarding
+    assert [row[3] for row in rows] == ["**missed**", "met"]
+    # In the whole table, and alone (--only metrics).
+    r = results(GOOD_CPU, GOOD_P50)
+    r["metrics"] = m(20.7, 40.4)
+    rows = missed_rows(harness.table(r))
+    assert len(rows) == 1 and rows[0].startswith("| **Metrics on**")
+    alone = harness.metrics_table({"metrics": m(20.2, 40.4), "settings": r["settings"],
+                                   "environment": r["environment"], "smoke": True})
+    assert missed_rows(alone) == [] and alone.count("| met |") == 2
+    assert alone.startswith("**Smoke run")
+
+
+class FakeMetricsCost(harness.MetricsCost):
+    """MetricsCost's round with the timed run faked: each subject's CPU per call is given."""
+
+    def __init__(self, cpu: dict, metrics_addr: str):
+        self.s = harness.Settings(saturation_s=1, warmup_s=1)
+        self.cpu = cpu
+        self.foreign = None
+        self.warmed = []
+
+        class Proc:
+            def __init__(self, addr):
+                self.metrics_addr = addr
+
+        off, on = Proc(None), Proc(metrics_addr)
+        self.subjects = {n: harness.Subject(n, "", Path(), "", None, "none",
+                                            server=on if n.endswith("_metrics") else off)
+                         for n in cpu}
+
+    def grpc(self, subject, args, log=None):
+        self.warmed.append(subject.name)
+
+    def saturate(self, subject):
+        return {"cpu_us_per_call": self.cpu[subject.name], "foreign_cores": 0.0}
+
+
+def test_a_metrics_round_scrapes_only_the_metrics_on_subjects():
+    target = Exposition()
+    try:
+        cost = FakeMetricsCost({"hit": 20.0, "hit_metrics": 20.4, "tokengate": 40.0,
+                                "tokengate_metrics": 40.4}, target.addr)
+        assert cost.order == ["hit", "hit_metrics", "tokengate", "tokengate_metrics"]
+        result, latencies = cost.one_round(cost.order, 1)
+        assert latencies == {}
+        assert sorted(cost.warmed) == sorted(cost.order)
+        assert result["metrics_cost"] == pytest.approx({"hit": 0.02, "tokengate": 0.01})
+        assert "scrapes" not in result["saturation"]["hit"]
+        assert result["saturation"]["hit_metrics"]["scrapes"] >= 1
+        assert target.gets == sum(x.get("scrapes", 0) for x in result["saturation"].values())
+        assert set(result["foreign_cores"]) == {f"{n}_saturation" for n in cost.order}
+    finally:
+        target.close()

@@ -110,6 +110,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
 }
@@ -175,6 +180,50 @@ impl UpstreamStatus {
     }
 }
 
+/// Why the upstream client sent a request again (`tokengate_upstream_retries_total{cause}`):
+/// exactly the outcomes `upstream::retry_wait` retries on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryCause {
+    /// A 429 that named its wait in `Retry-After`.
+    RateLimited,
+    /// A 503 that named its wait in `Retry-After`.
+    Unavailable,
+    /// The connection failed, so the request never left.
+    Connect,
+}
+
+impl RetryCause {
+    const ALL: [Self; 3] = [Self::RateLimited, Self::Unavailable, Self::Connect];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "429",
+            Self::Unavailable => "503",
+            Self::Connect => "connect",
+        }
+    }
+}
+
+/// How a signing-key reload ended (`tokengate_signing_key_reloads_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyReload {
+    /// The changed file holds a usable key, now in use.
+    Ok,
+    /// The changed file cannot be used; the previous key stays in use.
+    Error,
+}
+
+impl KeyReload {
+    const ALL: [Self; 2] = [Self::Ok, Self::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// How a broker lookup was answered (`tokengate_cache_lookups_total{result}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -221,9 +270,11 @@ pub struct Metrics {
     token_requests: Family<TokenLabels, Counter>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_duration: [Histogram; 2],
+    upstream_retries: [Counter; 3],
     rate_limit_refusals: Counter,
     calls_shed: Counter,
     cache_lookups: [Counter; 5],
+    signing_key_reloads: [Counter; 2],
     sampled: Arc<Sampled>,
 }
 
@@ -269,6 +320,17 @@ impl Metrics {
                 endpoint: endpoint.as_str(),
             })
         });
+        let retries = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "tokengate_upstream_retries",
+            "Requests sent to the upstream again, by what caused it (429, 503, connect)",
+            retries.clone(),
+        );
+        let upstream_retries = RetryCause::ALL.map(|cause| {
+            retries.get_or_create_owned(&CauseLabels {
+                cause: cause.as_str(),
+            })
+        });
         let rate_limit_refusals = Counter::default();
         registry.register(
             "tokengate_rate_limit_refusals",
@@ -292,6 +354,17 @@ impl Metrics {
                 result: lookup.as_str(),
             })
         });
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tokengate_signing_key_reloads",
+            "private_key_jwt key files re-read after they changed, by result (ok, error: the previous key stays in use)",
+            reloads.clone(),
+        );
+        let signing_key_reloads = KeyReload::ALL.map(|reload| {
+            reloads.get_or_create_owned(&ResultLabels {
+                result: reload.as_str(),
+            })
+        });
         let sampled = Arc::new(Sampled::default());
         registry.register_collector(Box::new(sampled.clone()));
 
@@ -307,9 +380,11 @@ impl Metrics {
             token_requests,
             upstream_requests,
             upstream_duration,
+            upstream_retries,
             rate_limit_refusals,
             calls_shed,
             cache_lookups,
+            signing_key_reloads,
             sampled,
         }
     }
@@ -344,6 +419,16 @@ impl Metrics {
             })
             .inc();
         self.upstream_duration[endpoint as usize].observe(took.as_secs_f64());
+    }
+
+    /// Counts one request about to be sent again.
+    pub fn upstream_retry(&self, cause: RetryCause) {
+        self.upstream_retries[cause as usize].inc();
+    }
+
+    /// Counts one re-read of a changed signing-key file.
+    pub fn signing_key_reload(&self, reload: KeyReload) {
+        self.signing_key_reloads[reload as usize].inc();
     }
 
     /// Counts a request refused locally under an upstream 429 penalty.
@@ -468,6 +553,24 @@ mod tests {
             .map(|code| UpstreamStatus::Http(code).as_str())
             .collect();
         assert!(labels.len() <= 17, "{labels:?}");
+    }
+
+    #[test]
+    fn retries_and_key_reloads_count_under_their_own_label_and_start_at_zero() {
+        let metrics = Metrics::new(["app"]);
+        metrics.upstream_retry(RetryCause::Unavailable);
+        metrics.upstream_retry(RetryCause::Unavailable);
+        metrics.signing_key_reload(KeyReload::Error);
+        let text = metrics.prometheus_text();
+        for line in [
+            "tokengate_upstream_retries_total{cause=\"429\"} 0\n",
+            "tokengate_upstream_retries_total{cause=\"503\"} 2\n",
+            "tokengate_upstream_retries_total{cause=\"connect\"} 0\n",
+            "tokengate_signing_key_reloads_total{result=\"ok\"} 0\n",
+            "tokengate_signing_key_reloads_total{result=\"error\"} 1\n",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
     }
 
     #[test]

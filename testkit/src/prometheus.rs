@@ -1,5 +1,5 @@
 //! Debian's `prometheus` (and its `promtool`), run by the test on 127.0.0.1:
-//! [`Prometheus`] scrapes one target every second into its own temp dir, and answers PromQL
+//! [`Prometheus`] scrapes its targets every second into its own temp dir, and answers PromQL
 //! through its HTTP API. Readiness is `/-/ready` answering 200 and, for the data, a scrape
 //! that began after the moment the test names ([`Prometheus::wait_scraped_after`]), never a
 //! fixed sleep.
@@ -31,30 +31,50 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// One `prometheus` process on 127.0.0.1, scraping one target. Killed on drop.
+/// One `prometheus` process on 127.0.0.1, scraping its targets. Killed on drop.
 pub struct Prometheus {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    targets: usize,
 }
 
 impl Prometheus {
     /// Starts Prometheus on a free port, scraping `http://<target>/metrics` every second
     /// (job [`JOB`]), and returns once it is ready.
     pub fn start(target: SocketAddr) -> Self {
+        Self::start_labelled(&[(target, &[])])
+    }
+
+    /// As [`Prometheus::start`], for several targets, each with its own target labels (as
+    /// Kubernetes service discovery adds `namespace` and `pod`, so that a dashboard's
+    /// filters have something to select).
+    pub fn start_labelled(targets: &[(SocketAddr, &[(&str, &str)])]) -> Self {
+        assert!(!targets.is_empty(), "prometheus needs a target");
         let dir = tempfile::Builder::new()
             .prefix("testkit-prometheus-")
             .tempdir()
             .expect("a temp dir for prometheus");
-        let config = format!(
+        let mut config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-             scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n"
         );
+        for (target, labels) in targets {
+            config.push_str(&format!("      - targets: ['{target}']\n"));
+            if !labels.is_empty() {
+                config.push_str("        labels:\n");
+                for (name, value) in *labels {
+                    // JSON strings are YAML strings: any value stays one scalar.
+                    config.push_str(&format!("          {name}: {}\n", Value::from(*value)));
+                }
+            }
+        }
         std::fs::write(dir.path().join("prometheus.yml"), config).expect("write prometheus.yml");
         let mut server = Self {
             port: 0,
             dir,
             child: None,
+            targets: targets.len(),
         };
         let mut last = String::new();
         for _ in 0..5 {
@@ -144,16 +164,7 @@ impl Prometheus {
     /// with its error.
     pub fn query(&self, promql: &str) -> Result<Vec<Sample>, String> {
         let query = serde_urlencoded::to_string([("query", promql)]).expect("a query encodes");
-        let (status, body) = self.get(&format!("/api/v1/query?{query}"))?;
-        let reply: Value = serde_json::from_str(&body)
-            .map_err(|e| format!("{promql}: HTTP {status}, not JSON ({e}): {body}"))?;
-        if reply["status"] != "success" {
-            return Err(format!(
-                "{promql}: {}: {}",
-                reply["errorType"], reply["error"]
-            ));
-        }
-        let data = &reply["data"];
+        let data = &self.api(&format!("/api/v1/query?{query}"), promql)?;
         let number = |pair: &Value| -> Result<f64, String> {
             pair[1]
                 .as_str()
@@ -186,6 +197,66 @@ impl Prometheus {
         }
     }
 
+    /// A range query through `/api/v1/query_range` from `start` to `end` every `step`: the
+    /// `data` of the answer as Prometheus gave it (`resultType` `matrix`, each series with
+    /// its labels and `[time, "value"]` pairs). A query Prometheus refuses is an `Err`.
+    pub fn query_range(
+        &self,
+        promql: &str,
+        start: SystemTime,
+        end: SystemTime,
+        step: Duration,
+    ) -> Result<Value, String> {
+        let seconds = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after the epoch")
+                .as_secs_f64()
+                .to_string()
+        };
+        let query = serde_urlencoded::to_string([
+            ("query", promql.to_owned()),
+            ("start", seconds(start)),
+            ("end", seconds(end)),
+            ("step", step.as_secs_f64().to_string()),
+        ])
+        .expect("a query encodes");
+        let data = self.api(&format!("/api/v1/query_range?{query}"), promql)?;
+        if data["resultType"] != "matrix" {
+            return Err(format!("{promql}: not a matrix: {data}"));
+        }
+        Ok(data)
+    }
+
+    /// The values of label `name` on the series `selector` matches, through
+    /// `/api/v1/label/<name>/values` (what Grafana's `label_values(selector, name)` asks).
+    pub fn label_values(&self, name: &str, selector: &str) -> Result<Vec<String>, String> {
+        let query = serde_urlencoded::to_string([("match[]", selector)]).expect("a query encodes");
+        let data = self.api(&format!("/api/v1/label/{name}/values?{query}"), selector)?;
+        data.as_array()
+            .ok_or_else(|| format!("{selector}: not a list: {data}"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("{selector}: not a string: {v}"))
+            })
+            .collect()
+    }
+
+    /// The `data` of a successful API answer; `what` names the request in errors.
+    fn api(&self, path_and_query: &str, what: &str) -> Result<Value, String> {
+        let (status, body) = self.get(path_and_query)?;
+        let mut reply: Value = serde_json::from_str(&body)
+            .map_err(|e| format!("{what}: HTTP {status}, not JSON ({e}): {body}"))?;
+        if reply["status"] != "success" {
+            return Err(format!(
+                "{what}: {}: {}",
+                reply["errorType"], reply["error"]
+            ));
+        }
+        Ok(reply["data"].take())
+    }
+
     /// The one value an instant query answers; `None` when the vector is empty. Panics when
     /// the query fails or answers more than one sample.
     pub fn value(&self, promql: &str) -> Option<f64> {
@@ -197,8 +268,8 @@ impl Prometheus {
         samples.first().map(|s| s.value)
     }
 
-    /// Waits until a scrape of the target that started after `after` has been stored and
-    /// was successful (`up == 1`): from then on instant queries see everything the target
+    /// Waits until a scrape of every target that started after `after` has been stored and
+    /// was successful (`up == 1`): from then on instant queries see everything the targets
     /// exposed at `after`. Panics with Prometheus' log after the patience runs out.
     pub fn wait_scraped_after(&self, after: SystemTime) {
         let after = after
@@ -206,10 +277,14 @@ impl Prometheus {
             .expect("after the epoch")
             .as_secs_f64();
         let deadline = Instant::now() + PATIENCE;
-        let query = format!("timestamp(up{{job=\"{JOB}\"}} == 1)");
+        // `timestamp()` of a selector is its sample's time; of an expression such as
+        // `up == 1` it would be the query's, which is always "after".
+        let query =
+            format!("timestamp(up{{job=\"{JOB}\"}}) and on (instance) (up{{job=\"{JOB}\"}} == 1)");
         loop {
             if let Ok(samples) = self.query(&query)
-                && samples.first().is_some_and(|s| s.value > after)
+                && samples.len() == self.targets
+                && samples.iter().all(|s| s.value > after)
             {
                 return;
             }
