@@ -29,6 +29,140 @@ pub struct Config {
     /// Who may call; empty lets every caller that reaches the port use every client.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub callers: Vec<CallerConfig>,
+    /// Trace export (contract §9).
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OTLP trace export. A key left out falls back to the standard
+/// `OTEL_EXPORTER_OTLP_*` / `OTEL_SERVICE_NAME` variable, as every OpenTelemetry SDK does.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's http(s) URL; absent: no export (logs still carry trace ids).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Absent until loaded: then the key, `OTEL_EXPORTER_OTLP_PROTOCOL` or gRPC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Absent until loaded: then the key, `OTEL_SERVICE_NAME` or `tokengate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Share of root traces kept; a caller's sampled or unsampled traceparent decides alone.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: None,
+            service_name: None,
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+/// How spans travel to the collector (`OTEL_EXPORTER_OTLP_PROTOCOL` names them alike).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The name `OTEL_EXPORTER_OTLP_PROTOCOL` and the config use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [Self::Grpc, Self::HttpProtobuf]
+            .into_iter()
+            .find(|protocol| protocol.as_str() == text)
+    }
+}
+
+impl TelemetryConfig {
+    /// Fills the keys left out from the standard variables (`env` looks one up), then the
+    /// defaults. Errors name the variable a bad value came from.
+    fn resolve(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if self.otlp_endpoint.is_none()
+            && let Some(endpoint) = set("OTEL_EXPORTER_OTLP_ENDPOINT")
+        {
+            check_endpoint(&endpoint)
+                .map_err(|e| ConfigError::Invalid(format!("OTEL_EXPORTER_OTLP_ENDPOINT {e}")))?;
+            self.otlp_endpoint = Some(endpoint);
+        }
+        if self.otlp_protocol.is_none() {
+            self.otlp_protocol = Some(match set("OTEL_EXPORTER_OTLP_PROTOCOL") {
+                Some(text) => OtlpProtocol::parse(text.trim()).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL {text:?} is not supported: use grpc or \
+                         http/protobuf"
+                    ))
+                })?,
+                None => OtlpProtocol::Grpc,
+            });
+        }
+        if self.service_name.is_none() {
+            self.service_name =
+                Some(set("OTEL_SERVICE_NAME").unwrap_or_else(|| "tokengate".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The protocol in force (gRPC before [`Config::load`] resolved it).
+    pub fn protocol(&self) -> OtlpProtocol {
+        self.otlp_protocol.unwrap_or_default()
+    }
+
+    /// The `service.name` in force.
+    pub fn service_name(&self) -> &str {
+        self.service_name.as_deref().unwrap_or("tokengate")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Some(endpoint) = &self.otlp_endpoint
+            && let Err(e) = check_endpoint(endpoint)
+        {
+            return invalid(format!("telemetry.otlp_endpoint {e}"));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return invalid(format!(
+                "telemetry.sample_ratio must be between 0.0 and 1.0 (got {})",
+                self.sample_ratio
+            ));
+        }
+        if self
+            .service_name
+            .as_ref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return invalid("telemetry.service_name must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// An OTLP endpoint is an http(s) URL with a host and no credentials (those belong in
+/// `OTEL_EXPORTER_OTLP_HEADERS`, which check-config never prints).
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an http:// or https:// URL with a host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not hold credentials; pass them in OTEL_EXPORTER_OTLP_HEADERS".into());
+    }
+    Ok(())
 }
 
 /// One `[[callers]]` entry: a caller known by its mTLS identity or by an API key.
@@ -64,6 +198,16 @@ impl TlsConfig {
     }
 }
 
+/// Upper bounds (see `Config::check_upper_bounds`), far above any real deployment and far
+/// below what would overflow. The chart's values schema carries the same ones.
+pub const MAX_CALLS: usize = 1_000_000;
+pub const MAX_CONNECTIONS: usize = 100_000;
+pub const MAX_ENTRIES: usize = 100_000_000;
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+pub const MAX_GRACE: Duration = Duration::from_secs(60 * 60);
+/// A cached token lives at most a day (the broker's own cap), so no cache duration is longer.
+pub const MAX_CACHE_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// `[server]`: the gRPC listener and its shutdown.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -77,8 +221,8 @@ pub struct ServerConfig {
     pub max_concurrent_calls: usize,
     /// Calls that may wait for a turn; more are refused at once (RESOURCE_EXHAUSTED).
     pub max_queued_calls: usize,
-    /// Plaintext `grpc.health.v1` only, served when mTLS is on: Kubernetes' gRPC probes
-    /// cannot present a client certificate.
+    /// Plaintext `grpc.health.v1` only, served whenever TLS is on: Kubernetes' gRPC probes
+    /// speak neither TLS nor mTLS.
     pub health_listen: SocketAddr,
     /// Plain-HTTP `GET /metrics` (Prometheus text, or OpenMetrics when asked) on its own
     /// listener, so a NetworkPolicy can open it to the monitoring namespace alone.
@@ -418,17 +562,22 @@ impl Config {
         let env = Env::prefixed(ENV_PREFIX)
             .filter(|key| key.as_str().contains("__"))
             .split("__");
-        Self::extract(figment.merge(env))
+        Self::extract(figment.merge(env), &|name| std::env::var(name).ok())
     }
 
     /// Parses and validates TOML text alone (no environment); used by tests.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         Self::extract(
             Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)),
+            &|_| None,
         )
     }
 
-    fn extract(figment: Figment) -> Result<Self, ConfigError> {
+    /// `otel_env` looks up the standard `OTEL_*` variables that `[telemetry]` falls back on.
+    fn extract(
+        figment: Figment,
+        otel_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(|error| {
             // figment can report several errors; the first is the one to fix first.
             let first = error
@@ -438,8 +587,86 @@ impl Config {
                 .unwrap_or_default();
             ConfigError::Load(first.replace('\n', " "))
         })?;
+        config.telemetry.validate()?;
+        config.telemetry.resolve(otel_env)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Refuses numbers and durations past any sane setting: beyond them, what is built from
+    /// them would overflow (`Instant + request_timeout`) or panic (a semaphore above tokio's
+    /// `Semaphore::MAX_PERMITS`) at run time instead of failing here, naming the key.
+    fn check_upper_bounds(&self) -> Result<(), String> {
+        let counts = [
+            (
+                "server.max_concurrent_calls",
+                self.server.max_concurrent_calls,
+                MAX_CALLS,
+            ),
+            (
+                "server.max_queued_calls",
+                self.server.max_queued_calls,
+                MAX_CALLS,
+            ),
+            (
+                "upstream.max_connections",
+                self.upstream.max_connections,
+                MAX_CONNECTIONS,
+            ),
+            (
+                "cache.max_entries",
+                usize::try_from(self.cache.max_entries).unwrap_or(usize::MAX),
+                MAX_ENTRIES,
+            ),
+        ];
+        for (key, value, max) in counts {
+            if value > max {
+                return Err(format!("{key} must be at most {max} (got {value})"));
+            }
+        }
+        let durations = [
+            (
+                "server.shutdown_grace_period",
+                self.server.shutdown_grace_period,
+                MAX_GRACE,
+            ),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                MAX_TIMEOUT,
+            ),
+            (
+                "upstream.request_timeout",
+                self.upstream.request_timeout,
+                MAX_TIMEOUT,
+            ),
+            ("cache.redis.timeout", self.cache.redis.timeout, MAX_TIMEOUT),
+            (
+                "cache.refresh_ahead",
+                self.cache.refresh_ahead,
+                MAX_CACHE_DURATION,
+            ),
+            (
+                "cache.min_remaining",
+                self.cache.min_remaining,
+                MAX_CACHE_DURATION,
+            ),
+            (
+                "cache.replay_window",
+                self.cache.replay_window,
+                MAX_CACHE_DURATION,
+            ),
+        ];
+        for (key, value, max) in durations {
+            if value > max {
+                return Err(format!(
+                    "{key} must be at most {} (got {})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(value)
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {
@@ -453,6 +680,7 @@ impl Config {
         if self.server.shutdown_grace_period.is_zero() {
             return invalid("server.shutdown_grace_period must be greater than zero".into());
         }
+        self.check_upper_bounds().map_err(ConfigError::Invalid)?;
         let upstream = &self.upstream;
         let url = match reqwest::Url::parse(&upstream.base_url) {
             Ok(url) => url,
@@ -879,6 +1107,55 @@ mod tests {
     }
 
     #[test]
+    fn absurd_numbers_and_durations_are_refused_naming_the_key() {
+        // Each would overflow an `Instant` addition or panic tokio's semaphore at run time.
+        for (toml, key) in [
+            (
+                "[upstream]\nrequest_timeout = \"18446744073709551615s\"",
+                "upstream.request_timeout",
+            ),
+            (
+                "[upstream]\nrequest_timeout = \"11m\"",
+                "upstream.request_timeout",
+            ),
+            (
+                "[upstream]\nconnect_timeout = \"1000000h\"",
+                "upstream.connect_timeout",
+            ),
+            (
+                "[server]\nshutdown_grace_period = \"2h\"",
+                "server.shutdown_grace_period",
+            ),
+            (
+                "[server]\nmax_concurrent_calls = 9223372036854775807",
+                "server.max_concurrent_calls",
+            ),
+            (
+                "[server]\nmax_queued_calls = 2305843009213693952",
+                "server.max_queued_calls",
+            ),
+            (
+                "[upstream]\nmax_connections = 100001",
+                "upstream.max_connections",
+            ),
+            (
+                "[cache]\nmax_entries = 9223372036854775807",
+                "cache.max_entries",
+            ),
+            ("[cache]\nreplay_window = \"25h\"", "cache.replay_window"),
+            ("[cache.redis]\ntimeout = \"1y\"", "cache.redis.timeout"),
+        ] {
+            rejects(toml, key);
+        }
+        let at_the_bounds = format!(
+            "[server]\nmax_concurrent_calls = {MAX_CALLS}\nmax_queued_calls = {MAX_CALLS}\n\
+             shutdown_grace_period = \"1h\"\n[upstream]\nrequest_timeout = \"10m\"\n\
+             max_connections = {MAX_CONNECTIONS}"
+        );
+        Config::from_toml(&at_the_bounds).expect("the bounds themselves are accepted");
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_a_reason() {
         rejects("[server]\nlisten = \"nope\"", "listen");
         rejects("[server]\nbogus = 1", "bogus");
@@ -916,6 +1193,118 @@ mod tests {
         rejects(
             "[[clients.registered]]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/secret\"",
             "cannot read client_secret_file",
+        );
+    }
+
+    fn with_env(toml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::extract(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            &move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+        )
+    }
+
+    #[test]
+    fn telemetry_defaults_keys_and_otel_variables() {
+        let config = Config::from_toml("").unwrap();
+        let telemetry = &config.telemetry;
+        assert_eq!(telemetry.otlp_endpoint, None, "no export by default");
+        assert_eq!(telemetry.protocol(), OtlpProtocol::Grpc);
+        assert_eq!(telemetry.service_name(), "tokengate");
+        assert_eq!(telemetry.sample_ratio, 1.0);
+
+        let toml = "[telemetry]\notlp_endpoint = \"https://collector.example:4318\"\n\
+                    otlp_protocol = \"http/protobuf\"\nservice_name = \"tg-eu\"\nsample_ratio = 0.25";
+        let otel = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env-collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_SERVICE_NAME", "from-env"),
+        ];
+        // The keys win over the variables.
+        let config = with_env(toml, &otel).unwrap();
+        let telemetry = &config.telemetry;
+        assert_eq!(
+            telemetry.otlp_endpoint.as_deref(),
+            Some("https://collector.example:4318")
+        );
+        assert_eq!(telemetry.protocol(), OtlpProtocol::HttpProtobuf);
+        assert_eq!(telemetry.service_name(), "tg-eu");
+        assert_eq!(telemetry.sample_ratio, 0.25);
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains("otlp_protocol = \"http/protobuf\""),
+            "{shown}"
+        );
+
+        // Without the keys, the variables apply, as in every OpenTelemetry SDK.
+        let otel = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env-collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", "from-env"),
+        ];
+        let config = with_env("", &otel).unwrap();
+        let telemetry = &config.telemetry;
+        assert_eq!(
+            telemetry.otlp_endpoint.as_deref(),
+            Some("http://env-collector:4318")
+        );
+        assert_eq!(telemetry.protocol(), OtlpProtocol::HttpProtobuf);
+        assert_eq!(telemetry.service_name(), "from-env");
+        // check-config shows what is in force, wherever it came from.
+        let shown = config.to_redacted_toml();
+        assert!(shown.contains("http://env-collector:4318"), "{shown}");
+        assert!(shown.contains("service_name = \"from-env\""), "{shown}");
+    }
+
+    #[test]
+    fn bad_telemetry_values_are_refused_naming_the_key() {
+        for ratio in ["1.5", "-0.1", "nan", "inf"] {
+            rejects(
+                &format!("[telemetry]\nsample_ratio = {ratio}"),
+                "telemetry.sample_ratio",
+            );
+        }
+        rejects(
+            "[telemetry]\notlp_protocol = \"http/json\"",
+            "otlp_protocol",
+        );
+        for endpoint in [
+            "collector:4317",
+            "ftp://collector",
+            "not a url",
+            "",
+            "http://user:pw@collector:4317",
+        ] {
+            rejects(
+                &format!("[telemetry]\notlp_endpoint = \"{endpoint}\""),
+                "telemetry.otlp_endpoint",
+            );
+        }
+        rejects(
+            "[telemetry]\nservice_name = \" \"",
+            "telemetry.service_name",
+        );
+        rejects("[telemetry]\nbogus = 1", "bogus");
+
+        let refused = |vars: &[(&str, &str)], expected: &str| {
+            let error = with_env("", vars).expect_err(expected).to_string();
+            assert!(error.contains(expected), "{error:?} should name {expected}");
+            assert!(!error.contains("hunter2"), "no credential echoed: {error}");
+        };
+        refused(
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        );
+        refused(
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://u:hunter2@c.example")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        );
+        refused(
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
         );
     }
 

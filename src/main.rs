@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tokengate::telemetry::{self, LogFormat};
@@ -14,6 +15,9 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// `EX_USAGE` from sysexits.h: the configuration is unusable.
 const EXIT_BAD_CONFIG: u8 = 64;
+
+/// The least time buffered spans get at exit, even when the drain used the whole grace.
+const MIN_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(version, about = "gRPC front for OAuth 2.0 token endpoints")]
@@ -63,7 +67,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            let _log = telemetry::init(cli.log_format);
             let config = match Config::load(config.as_deref()) {
                 Ok(config) => config,
                 Err(e) => {
@@ -71,7 +74,29 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            runtime().block_on(serve(config))
+            let runtime = runtime();
+            // Inside the runtime: the gRPC trace exporter's connection task lives there.
+            let telemetry = {
+                let _inside = runtime.enter();
+                telemetry::start(cli.log_format, &config.telemetry)
+            };
+            let telemetry = match telemetry {
+                Ok(telemetry) => telemetry,
+                Err(e) => {
+                    eprintln!("tokengate: bad config: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let grace = config.server.shutdown_grace_period;
+            let signalled = Arc::new(OnceLock::new());
+            let code = runtime.block_on(serve(config, signalled.clone()));
+            // Spans still buffered get what is left of the grace period (at least
+            // MIN_FLUSH): the pod's termination period allows for it.
+            let left = signalled
+                .get()
+                .map_or(grace, |at: &Instant| grace.saturating_sub(at.elapsed()));
+            telemetry.shutdown(left.max(MIN_FLUSH));
+            code
         }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(config) => {
@@ -98,7 +123,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("the tokio runtime needs only threads and the OS timer, available at start")
 }
 
-async fn serve(config: Config) -> ExitCode {
+/// Notes when the shutdown signal arrived, so the span flush keeps within the grace period.
+async fn serve(config: Config, signalled: Arc<OnceLock<Instant>>) -> ExitCode {
     let app = match Application::build(&config).await {
         Ok(app) => app,
         Err(e) => {
@@ -107,7 +133,10 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     match app
-        .run_until_stopped(tokengate::startup::shutdown_signal())
+        .run_until_stopped(async move {
+            tokengate::startup::shutdown_signal().await;
+            let _ = signalled.set(Instant::now());
+        })
         .await
     {
         Ok(Drain::Complete | Drain::NotStarted) => {

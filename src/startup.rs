@@ -83,7 +83,8 @@ impl Application {
     /// Binds the listener (port 0 picks a free port) and builds the service.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let (listener, addr) = bind(config.server.listen).await?;
-        let health_listener = if config.server.mtls() {
+        // Kubernetes' gRPC probes speak neither TLS nor mTLS (contract §7).
+        let health_listener = if config.server.tls.is_some() {
             Some(bind(config.server.health_listen).await?)
         } else {
             None
@@ -105,6 +106,15 @@ impl Application {
                 .iter()
                 .map(|c| c.client_id.as_str()),
         ));
+        if let Some(tls) = &tls {
+            // Only with TLS on: a series that is absent without it cannot fire an alert.
+            let served = tls.clone();
+            metrics.sample(
+                "tokengate_tls_certificate_expiry_timestamp_seconds",
+                "When the serving TLS certificate expires (its notAfter, Unix seconds); follows reloads.",
+                move || served.not_after(),
+            );
+        }
         let upstream =
             Upstream::new(&config.upstream, metrics.clone()).map_err(StartupError::Setup)?;
         let clients = Clients::new(&config.clients, upstream.token_url().as_str())
@@ -171,6 +181,7 @@ impl Application {
         // Dropped (and so stopped) when this function returns.
         let _key_watcher = AbortOnDrop(tokio::spawn(crate::assertion::watch_keys(
             self.service.signers(),
+            self.metrics.clone(),
         )));
         let _tls_watcher = self
             .tls
@@ -286,6 +297,7 @@ fn broker(
         admission: Admission::new(
             config.server.max_concurrent_calls,
             config.server.max_queued_calls,
+            config.upstream.request_timeout,
         ),
         keys: keys.clone(),
         metrics: metrics.clone(),

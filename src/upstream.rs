@@ -11,9 +11,12 @@ use serde::{Deserialize, Deserializer};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
 use crate::config::UpstreamConfig;
 use crate::grant::FormField;
-use crate::metrics::{Endpoint, Metrics, UpstreamStatus};
+use crate::metrics::{Endpoint, Metrics, RetryCause, UpstreamStatus};
 
 /// Largest body read from the upstream (contract §6).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -367,12 +370,17 @@ impl Upstream {
         let body = request.body();
         let first_sent = Instant::now();
         let mut attempt = 1;
+        // Why this attempt is a retry; counted only once it is really sent.
+        let mut retry: Option<RetryCause> = None;
         loop {
             if let Some(wait) = request.penalty.and_then(Penalty::remaining) {
                 return Err(UpstreamError {
                     not_sent: true,
                     ..UpstreamError::new(UpstreamErrorKind::Held(wait))
                 });
+            }
+            if let Some(cause) = retry.take() {
+                self.metrics.upstream_retry(cause);
             }
             let mut builder = self
                 .http
@@ -387,14 +395,19 @@ impl Upstream {
                 let _permit = self.connections.acquire().await;
                 send(builder).await
             };
+            let span = attempt_span(url, attempt);
             let sent = Instant::now();
-            let result = match tokio::time::timeout_at(until, attempt_once).await {
+            let result = match tokio::time::timeout_at(until, attempt_once)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(result) => result,
                 Err(_elapsed) if callers => {
                     Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))
                 }
                 Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
             };
+            record_attempt(&span, &result);
             self.metrics
                 .upstream_request(endpoint, status_of(&result), sent.elapsed());
             if let (Ok(reply), Some(penalty)) = (&result, request.penalty)
@@ -414,9 +427,70 @@ impl Upstream {
                 wait_ms = wait.as_millis(),
                 "sending the request again"
             );
+            retry = retry_cause(&result);
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+}
+
+/// What made [`retry_wait`] allow another attempt, as `tokengate_upstream_retries_total`
+/// says it.
+fn retry_cause(result: &Result<Reply, UpstreamError>) -> Option<RetryCause> {
+    match result {
+        Err(error) if error.not_sent => Some(RetryCause::Connect),
+        Ok(reply) if reply.status == StatusCode::TOO_MANY_REQUESTS => Some(RetryCause::RateLimited),
+        Ok(reply) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
+            Some(RetryCause::Unavailable)
+        }
+        _ => None,
+    }
+}
+
+/// The trace span of one attempt, a child of the call's span (OpenTelemetry's HTTP client
+/// conventions). It holds the method and where the request went (never the body or
+/// headers, which carry the credentials); [`record_attempt`] adds how it ended.
+fn attempt_span(url: &Url, attempt: u32) -> tracing::Span {
+    // DEBUG: traced always (see `telemetry::traces`), logged only when asked for, so an
+    // INFO log spends nothing on it.
+    let span = tracing::debug_span!(
+        "POST",
+        otel.kind = "client",
+        http.request.method = "POST",
+        server.address = url.host_str().unwrap_or_default(),
+        // As i64: OpenTelemetry has no unsigned integers, and would export a u16 as text.
+        server.port = i64::from(url.port_or_known_default().unwrap_or_default()),
+        url.path = url.path(),
+    );
+    if attempt > 1 {
+        span.set_attribute("http.request.resend_count", i64::from(attempt - 1));
+    }
+    span
+}
+
+/// Puts how an attempt ended on its trace span: the status, RingCentral's `RCRequestId`,
+/// and for a failure its type. Trace attributes only: as log fields they would cost every
+/// attempt a re-formatting of the span's fields.
+fn record_attempt(span: &tracing::Span, result: &Result<Reply, UpstreamError>) {
+    let (status, request_id) = match result {
+        Ok(reply) => (Some(reply.status.as_u16()), reply.request_id.as_deref()),
+        Err(error) => (error.http_status, error.request_id.as_deref()),
+    };
+    if let Some(status) = status {
+        span.set_attribute("http.response.status_code", i64::from(status));
+    }
+    if let Some(request_id) = request_id {
+        span.set_attribute("http.response.header.rcrequestid", request_id.to_owned());
+    }
+    let failed = match result {
+        // As the conventions say for a client: any 4xx or 5xx is an error.
+        Ok(reply) if reply.status.as_u16() >= 400 => Some(status_of(result).as_str()),
+        Ok(_) => None,
+        Err(_) => Some(status_of(result).as_str()),
+    };
+    if let Some(error_type) = failed {
+        span.set_attribute("error.type", error_type);
+        span.set_status(opentelemetry::trace::Status::error(error_type));
     }
 }
 
@@ -694,6 +768,30 @@ mod tests {
             retry_after: None,
             body: body.as_bytes().to_vec(),
             received_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn every_retry_has_a_cause() {
+        let waited = |status: u16| {
+            let mut reply = reply(status, "");
+            reply.retry_after = Some(Duration::from_millis(1));
+            Ok(reply)
+        };
+        let refused: Result<Reply, UpstreamError> = Err(UpstreamError {
+            not_sent: true,
+            ..UpstreamError::new(UpstreamErrorKind::Unavailable("refused".into()))
+        });
+        for (result, cause) in [
+            (waited(429), Some(RetryCause::RateLimited)),
+            (waited(503), Some(RetryCause::Unavailable)),
+            (refused, Some(RetryCause::Connect)),
+            (waited(500), None),
+            (waited(200), None),
+        ] {
+            let retried = retry_wait(&result, Replay::Always, 1, Instant::now()).is_some();
+            assert_eq!(retried, cause.is_some(), "{cause:?}");
+            assert_eq!(retry_cause(&result), cause);
         }
     }
 

@@ -454,10 +454,13 @@ async fn each_call_logs_one_span_with_grant_client_status_and_latency() {
     assert_eq!(span["grant_type"], "jwt_bearer", "{event}");
     assert_eq!(span["client_id"], "post-app", "{event}");
     assert_eq!(span["upstream_status"], 200, "{event}");
-    assert!(
-        span["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
-        "{event}"
-    );
+    // Read as a person reads it: a number and a unit, such as "412µs" or "1.204ms".
+    let latency = span["latency"].as_str().unwrap_or_default();
+    let number = ["ms", "µs", "ns", "s"]
+        .iter()
+        .find_map(|unit| latency.strip_suffix(unit))
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(number.is_some_and(|n| n > 0.0), "{event}");
 
     upstream.reset().await;
     Mock::given(method("POST"))
@@ -478,4 +481,109 @@ async fn each_call_logs_one_span_with_grant_client_status_and_latency() {
     assert_eq!(event["span"]["grant_type"], "refresh_token", "{event}");
     assert_eq!(event["span"]["client_id"], "basic-app", "{event}");
     assert_eq!(event["span"]["upstream_status"], 400, "{event}");
+}
+
+/// Whether a JSON log line was logged inside a call: its span, or one of its spans, is the
+/// call's or the upstream POST's.
+fn of_a_call(event: &serde_json::Value) -> bool {
+    let ours =
+        |span: &serde_json::Value| matches!(span["name"].as_str(), Some("GetToken" | "POST"));
+    ours(&event["span"])
+        || event["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(ours))
+}
+
+fn is_hex_id(value: &serde_json::Value, len: usize) -> bool {
+    value.as_str().is_some_and(|id| {
+        id.len() == len
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+            && id.bytes().any(|b| b != b'0')
+    })
+}
+
+#[tokio::test]
+async fn each_log_line_of_a_call_names_the_callers_trace() {
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    const CALLER_SPAN_ID: &str = "b7ad6b7169203331";
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("RCRequestId", "req-traced")
+                .set_body_json(serde_json::json!({"access_token": ACCESS_TOKEN})),
+        )
+        .mount(&upstream)
+        .await;
+    // Every level, dependencies included: lines inside the upstream POST count too. No
+    // collector is configured: the ids are there without export.
+    let served = Tokengate::launch(binary(), config(&upstream.uri()))
+        .rust_log("trace")
+        .start()
+        .await;
+    let mut client = client(&served).await;
+    let request = |scope: &str| GetTokenRequest {
+        grant: Some(Grant::JwtBearer(proto::JwtBearerGrant {
+            assertion: GRANT_SECRETS[4].into(),
+        })),
+        scopes: vec![scope.into()],
+        ..Default::default()
+    };
+    let mut traced = tonic::Request::new(request("Traced"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01")
+            .parse()
+            .unwrap(),
+    );
+    client.get_token(traced).await.unwrap();
+    let finished = served
+        .wait_for(|e| message(e) == Some("call succeeded"))
+        .await;
+    assert_eq!(finished["trace_id"], TRACE_ID, "{finished}");
+    assert!(is_hex_id(&finished["span_id"], 16), "{finished}");
+    assert_ne!(
+        finished["span_id"], CALLER_SPAN_ID,
+        "the call has a span of its own"
+    );
+    assert_eq!(finished["span"]["name"], "GetToken", "{finished}");
+    assert!(
+        finished["span"].get("otel.kind").is_none() && finished["span"].get("otel.name").is_none(),
+        "the exported span's own fields stay out of the logs: {finished}"
+    );
+    let call_span = finished["span_id"].clone();
+
+    let lines: Vec<_> = served.events().into_iter().filter(of_a_call).collect();
+    assert!(
+        lines.len() > 5,
+        "TRACE logging inside the call ({} lines)",
+        lines.len()
+    );
+    for line in &lines {
+        assert_eq!(line["trace_id"], TRACE_ID, "{line}");
+        assert!(is_hex_id(&line["span_id"], 16), "{line}");
+    }
+    // Inside the upstream POST, lines name the POST's span, a child of the call's.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["span"]["name"] == "POST" && l["span_id"] != call_span),
+        "some line was logged inside the upstream POST"
+    );
+
+    // Without a traceparent the call starts a trace of its own, and its lines name it.
+    client.get_token(request("Untraced")).await.unwrap();
+    let finished = served
+        .wait_for(|e| message(e) == Some("call succeeded") && e["trace_id"] != TRACE_ID)
+        .await;
+    assert!(is_hex_id(&finished["trace_id"], 32), "{finished}");
+    assert!(is_hex_id(&finished["span_id"], 16), "{finished}");
+
+    // Lines outside any call carry no ids.
+    let listening = served
+        .events()
+        .into_iter()
+        .find(|e| message(e) == Some("listening"))
+        .expect("the listening line");
+    assert!(listening.get("trace_id").is_none(), "{listening}");
 }

@@ -11,29 +11,17 @@ Run via `scripts/test`, or directly:
 from __future__ import annotations
 
 import base64
-import importlib
 import json
-import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
-import types
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import grpc
-import grpc_tools
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROTO_DIR = REPO_ROOT / "proto"
-PROTO_FILE = PROTO_DIR / "tokengate" / "v1" / "token.proto"
+from tokengate_process import Tokengate, binary, generate_stubs
 
 CLIENT_ID = "py-app"
 CLIENT_SECRET = "py-client-secret"
@@ -77,29 +65,7 @@ RPC_TIMEOUT_S = 10.0
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
     """Generates token_pb2 / token_pb2_grpc into a tmp dir and imports them."""
-    out = tmp_path_factory.mktemp("stubs")
-    # grpc_tools ships the well-known types (google/protobuf/*.proto) in its _proto dir.
-    wkt = Path(grpc_tools.__file__).resolve().parent / "_proto"
-    args = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        f"-I{PROTO_DIR}",
-        f"-I{wkt}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        str(PROTO_FILE),
-    ]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"grpc_tools.protoc failed ({done.returncode}): {done.stderr}"
-    sys.path.insert(0, str(out))
-    try:
-        importlib.invalidate_caches()
-        token_pb2 = importlib.import_module("tokengate.v1.token_pb2")
-        token_pb2_grpc = importlib.import_module("tokengate.v1.token_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
-    return types.SimpleNamespace(msg=token_pb2, grpc=token_pb2_grpc)
+    return generate_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 # --------------------------------------------------------------------------- mock upstream
@@ -187,98 +153,6 @@ def _fresh_upstream_log(upstream):
 # --------------------------------------------------------------------------- tokengate process
 
 
-class Tokengate:
-    def __init__(self, binary: Path, config: Path, workdir: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
-        # tokengate's own events at every level, so the no-secret-in-logs check below covers
-        # debug and trace events too; dependencies stay at info.
-        env["RUST_LOG"] = "info,tokengate=trace"
-        self.stderr_path = workdir / "tokengate.stderr"
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(config), "--log-format", "json"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            cwd=workdir,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        # Drain stdout for the whole life of the process so the pipe never fills up.
-        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
-        self._reader.start()
-
-    def _read_stdout(self):
-        for raw in iter(self.proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)  # EOF
-
-    def diagnostics(self) -> str:
-        try:
-            stderr = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            stderr = ""
-        out = "\n".join(self.lines[-50:])
-        return f"--- tokengate stdout (last 50 lines) ---\n{out}\n--- tokengate stderr ---\n{stderr}"
-
-    def wait_listening(self, deadline_s: float) -> str:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"tokengate did not log 'listening' within {deadline_s}s\n" + self.diagnostics()
-                )
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.proc.wait(timeout=5)
-                raise AssertionError(
-                    f"tokengate exited with {code} before logging 'listening'\n" + self.diagnostics()
-                )
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # not a JSON log line; --log-format json should make this rare
-            fields = event.get("fields") if isinstance(event, dict) else None
-            if isinstance(fields, dict) and fields.get("message") == "listening":
-                addr = fields.get("addr")
-                assert isinstance(addr, str) and addr.startswith("127.0.0.1:"), (
-                    f"'listening' line has no usable fields.addr: {line}"
-                )
-                return addr
-
-    def stop(self, deadline_s: float) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=deadline_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(
-                f"tokengate did not exit within {deadline_s}s of SIGTERM\n" + self.diagnostics()
-            )
-        finally:
-            self._reader.join(timeout=5)
-            self._stderr.close()
-        return code
-
-
-def _binary() -> Path:
-    path = Path(os.environ.get("TOKENGATE_BIN", "target/debug/tokengate"))
-    if not path.is_absolute():
-        path = (Path.cwd() / path) if (Path.cwd() / path).exists() else (REPO_ROOT / path)
-    if not path.exists():
-        pytest.fail(f"tokengate binary not found at {path}; run `cargo build --bins` or set TOKENGATE_BIN")
-    return path
-
-
 @pytest.fixture(scope="session")
 def tokengate_addr(upstream, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tokengate")
@@ -303,7 +177,7 @@ auth_method = "client_secret_basic"
 default = true
 """
     )
-    tg = Tokengate(_binary(), config, workdir)
+    tg = Tokengate(binary(), config, workdir)
     try:
         addr = tg.wait_listening(STARTUP_DEADLINE_S)
     except BaseException:

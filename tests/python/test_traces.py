@@ -1,0 +1,715 @@
+"""Traces from the real binary, received by an OTLP collector that lives in this test.
+
+The collector is ~20 lines per protocol: a grpcio server with opentelemetry-proto's
+TraceService stubs (OTLP/gRPC), and an http.server that decodes the same protobuf from
+`POST /v1/traces` (OTLP/http). Both listen on 127.0.0.1 port 0. Calls carry a known W3C
+`traceparent`; the tests check that tokengate continues that trace, that the upstream POST
+is a child span with its method, status and RingCentral request id, that an unsampled
+caller exports nothing, that no secret reaches any exported byte, and that an unreachable
+collector neither blocks calls nor floods the logs.
+
+Nothing sleeps: every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
+from opentelemetry.proto.trace.v1 import trace_pb2
+from tokengate_process import Tokengate, binary, generate_stubs
+
+STARTUP_DEADLINE_S = 30.0
+SHUTDOWN_DEADLINE_S = 15.0
+EXPORT_DEADLINE_S = 20.0
+RPC_TIMEOUT_S = 10.0
+
+BASIC_APP = "tr-basic"
+BASIC_SECRET = "TRSECRET-client-basic-1q"
+POST_APP = "tr-post"
+POST_SECRET = "TRSECRET-client-post-2w"
+RIGHT_PASSWORD = "TRSECRET-password-3e"
+WRONG_PASSWORD = "TRSECRET-wrong-password-4r"
+PIN = "TRSECRET-pin-5t"
+AUTH_CODE = "TRSECRET-auth-code-6y"
+CODE_VERIFIER = "TRSECRET-code-verifier-7u"
+ASSERTION = "TRSECRET-jwt-assertion-8i"
+CLIENT_ASSERTION = "TRSECRET-client-assertion-9o"
+REFRESH_TOKEN_IN = "TRSECRET-refresh-in-0p"
+IVR_PIN = "TRSECRET-ivr-pin-1a"
+REVOKED_TOKEN = "TRSECRET-revoked-2s"
+ACCESS_TOKEN = "TRSECRET-access-token-3d"
+REFRESH_TOKEN_OUT = "TRSECRET-refresh-out-4f"
+# A caller-chosen client_id: not a secret, but no span may carry it (only "public").
+RAW_CLIENT_ID = "raw-caller-chosen-id-Zq9"
+
+SECRETS = (
+    BASIC_SECRET,
+    POST_SECRET,
+    RIGHT_PASSWORD,
+    WRONG_PASSWORD,
+    PIN,
+    AUTH_CODE,
+    CODE_VERIFIER,
+    ASSERTION,
+    CLIENT_ASSERTION,
+    REFRESH_TOKEN_IN,
+    IVR_PIN,
+    REVOKED_TOKEN,
+    ACCESS_TOKEN,
+    REFRESH_TOKEN_OUT,
+    base64.b64encode(f"{BASIC_APP}:{BASIC_SECRET}".encode()).decode(),
+    RAW_CLIENT_ID,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN_ID = "00f067aa0ba902b7"
+
+SERVER = trace_pb2.Span.SpanKind.SPAN_KIND_SERVER
+CLIENT = trace_pb2.Span.SpanKind.SPAN_KIND_CLIENT
+
+
+def traceparent(trace_id: str, sampled: bool = True) -> str:
+    return f"00-{trace_id}-{CALLER_SPAN_ID}-{'01' if sampled else '00'}"
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+# --------------------------------------------------------------------------- collectors
+
+
+class Collector:
+    """What an OTLP receiver got: the raw requests, and a way to wait for spans."""
+
+    def __init__(self):
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.raw: list[bytes] = []
+        self._cond = threading.Condition()
+
+    def received(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        with self._cond:
+            self.requests.append(request)
+            self.raw.append(request.SerializeToString())
+            self._cond.notify_all()
+
+    def spans(self) -> list[tuple]:
+        """Every (resource, span) received so far."""
+        with self._cond:
+            requests = list(self.requests)
+        return [
+            (rs.resource, span)
+            for request in requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+    def wait_for(self, predicate, what: str) -> list[tuple]:
+        """Waits until predicate(spans) is true; returns the spans."""
+        deadline = time.monotonic() + EXPORT_DEADLINE_S
+        with self._cond:
+            while True:
+                spans = [
+                    (rs.resource, span)
+                    for request in self.requests
+                    for rs in request.resource_spans
+                    for ss in rs.scope_spans
+                    for span in ss.spans
+                ]
+                if predicate(spans):
+                    return spans
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no {what} within {EXPORT_DEADLINE_S}s; got {len(spans)} spans"
+                self._cond.wait(remaining)
+
+
+class GrpcCollector(Collector):
+    """OTLP/gRPC: TraceService/Export."""
+
+    def __init__(self):
+        super().__init__()
+        collector = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 (generated name)
+                collector.received(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.protocol = "grpc"
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(grace=None)
+
+
+class HttpCollector(Collector):
+    """OTLP/http with protobuf bodies: POST /v1/traces."""
+
+    def __init__(self):
+        super().__init__()
+        collector = self
+        self.paths: list[tuple[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                collector.paths.append((self.path, self.headers.get("Content-Type", "")))
+                collector.received(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        # The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT gives it; tokengate adds /v1/traces.
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.protocol = "http/protobuf"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Unreachable:
+    """A port that accepts and at once closes every connection: a collector that is down.
+    It counts connections, so a test can see the exporter try again without sleeping."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+            with self._cond:
+                self.accepted += 1
+                self._cond.notify_all()
+
+    def wait_accepted(self, count: int) -> None:
+        deadline = time.monotonic() + EXPORT_DEADLINE_S
+        with self._cond:
+            while self.accepted < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"the exporter connected {self.accepted} times, not {count}"
+                self._cond.wait(remaining)
+
+    def stop(self):
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+class Upstream:
+    """RingCentral's token and revoke endpoints. Every answer carries a fresh RCRequestId,
+    remembered by the grant it answered."""
+
+    def __init__(self):
+        self.request_ids: list[tuple[str, str]] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                form = urllib.parse.parse_qs(raw, keep_blank_values=True)
+                grant = (form.get("grant_type") or ["revoke"])[0]
+                request_id = f"rc-{os.urandom(6).hex()}"
+                upstream.request_ids.append((grant, request_id))
+                if self.path.endswith("/revoke"):
+                    self._reply(200, {}, request_id)
+                elif grant == "password" and form.get("password") != [RIGHT_PASSWORD]:
+                    # Echoes what was sent, as upstreams do: the echo must not reach a span.
+                    echo = f"bad credentials {form.get('password')} {WRONG_PASSWORD} {PIN}"
+                    self._reply(
+                        400,
+                        {"error": "invalid_grant", "error_description": echo,
+                         "errors": [{"errorCode": "OAU-140", "message": echo}]},
+                        request_id,
+                    )
+                else:
+                    self._reply(
+                        200,
+                        {"access_token": ACCESS_TOKEN, "token_type": "bearer", "expires_in": 3600,
+                         "refresh_token": REFRESH_TOKEN_OUT, "refresh_token_expires_in": 604800,
+                         "scope": "ReadAccounts"},
+                        request_id,
+                    )
+
+            def _reply(self, status, body, request_id):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("RCRequestId", request_id)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory):
+    return generate_stubs(tmp_path_factory.mktemp("stubs"))
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    up = Upstream()
+    yield up
+    up.stop()
+
+
+def config_text(upstream_port: int, telemetry: str, grace: str = "5s") -> str:
+    return f"""\
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_period = "{grace}"
+
+[upstream]
+base_url = "http://127.0.0.1:{upstream_port}"
+allow_insecure_http = true
+
+[clients]
+allow_public = true
+
+[[clients.registered]]
+client_id = "{BASIC_APP}"
+client_secret = "{BASIC_SECRET}"
+default = true
+
+[[clients.registered]]
+client_id = "{POST_APP}"
+client_secret = "{POST_SECRET}"
+auth_method = "client_secret_post"
+
+[telemetry]
+{telemetry}
+"""
+
+
+class Running:
+    """A started tokengate and a stub for it; stop() checks it exits cleanly."""
+
+    def __init__(self, pb, tmp_path, config: str, extra_env: dict | None = None):
+        path = tmp_path / "tokengate.toml"
+        path.write_text(config)
+        # Export batches every 100 ms instead of every 5 s, so tests wait less.
+        env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+        env.update(extra_env or {})
+        self.tg = Tokengate(binary(), path, tmp_path, env)
+        try:
+            addr = self.tg.wait_listening(STARTUP_DEADLINE_S)
+        except BaseException:
+            self.tg.proc.kill()
+            self.tg.proc.wait()
+            raise
+        self.channel = grpc.insecure_channel(addr)
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+        self.stub = pb.grpc.TokenServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        code = self.tg.stop(SHUTDOWN_DEADLINE_S)
+        assert code == 0, f"tokengate exited with {code}\n" + self.tg.diagnostics()
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def collector(request):
+    c = GrpcCollector() if request.param == "grpc" else HttpCollector()
+    yield c
+    c.stop()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def attrs(item) -> dict:
+    out = {}
+    for kv in item.attributes:
+        kind = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, kind) if kind else None
+    return out
+
+
+def password_request(pb, password: str, scope: str, client_id: str = ""):
+    m = pb.msg
+    return m.GetTokenRequest(
+        client_id=client_id,
+        password=m.PasswordGrant(username="alice@example.com", password=password),
+        scopes=[scope],
+    )
+
+
+def of_trace(spans, trace_id: str) -> list:
+    wanted = bytes.fromhex(trace_id)
+    return [span for _, span in spans if span.trace_id == wanted]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_the_callers_trace_is_continued_down_to_the_upstream_post(pb, tmp_path, upstream, collector):
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(
+            upstream.port,
+            f'otlp_endpoint = "{collector.endpoint}"\notlp_protocol = "{collector.protocol}"\n'
+            'service_name = "tokengate-under-test"',
+        ),
+    )
+    try:
+        metadata = [("traceparent", traceparent(TRACE_ID)), ("tracestate", "vendor=abc")]
+        response = run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, f"Traced{collector.port}"),
+            metadata=metadata,
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert response.access_token == ACCESS_TOKEN
+        request_id = upstream.request_ids[-1][1]
+
+        spans = collector.wait_for(
+            lambda spans: len(of_trace(spans, TRACE_ID)) >= 2, "server and upstream spans"
+        )
+    finally:
+        run.stop()
+
+    traced = of_trace(spans, TRACE_ID)
+    servers = [s for s in traced if s.kind == SERVER]
+    clients = [s for s in traced if s.kind == CLIENT]
+    assert len(servers) == 1, traced
+    assert len(clients) == 1, traced
+    server, client = servers[0], clients[0]
+
+    # The call's span is the caller's child, in the caller's trace, with its tracestate.
+    assert server.name == "tokengate.v1.TokenService/GetToken"
+    assert server.parent_span_id == bytes.fromhex(CALLER_SPAN_ID)
+    assert server.trace_state == "vendor=abc"
+    server_attrs = attrs(server)
+    assert server_attrs["grant_type"] == "password"
+    assert server_attrs["client_id"] == BASIC_APP
+    assert server_attrs["rpc.grpc.status_code"] == 0
+    assert server_attrs["upstream_status"] == 200
+
+    # The upstream POST is the call's child, with its method, status and request id.
+    assert client.parent_span_id == server.span_id
+    assert client.name == "POST"
+    client_attrs = attrs(client)
+    assert client_attrs["http.request.method"] == "POST"
+    assert client_attrs["http.response.status_code"] == 200
+    assert client_attrs["http.response.header.rcrequestid"] == request_id
+    assert client_attrs["server.address"] == "127.0.0.1"
+    assert client_attrs["url.path"] == "/restapi/oauth/token"
+
+    resources = [resource for resource, span in spans if span.trace_id == bytes.fromhex(TRACE_ID)]
+    assert attrs(resources[0])["service.name"] == "tokengate-under-test"
+
+    if isinstance(collector, HttpCollector):
+        assert {path for path, _ in collector.paths} == {"/v1/traces"}
+        assert {kind for _, kind in collector.paths} == {"application/x-protobuf"}
+
+    # The JSON log lines of the call carry the caller's trace id and the call's span id.
+    lines = [
+        e for e in run.tg.events()
+        if e.get("fields", {}).get("message") == "call succeeded" and e.get("trace_id") == TRACE_ID
+    ]
+    assert len(lines) == 1, run.tg.diagnostics()
+    assert lines[0]["span_id"] == server.span_id.hex()
+
+
+def test_an_unsampled_caller_exports_nothing_for_its_call(pb, tmp_path, upstream):
+    collector = GrpcCollector()
+    # A root sample ratio of 0: only a caller's sampled traceparent is exported.
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, f'otlp_endpoint = "{collector.endpoint}"\nsample_ratio = 0.0'),
+    )
+    try:
+        unsampled, untraced, sampled = new_trace_id(), new_trace_id(), new_trace_id()
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "Unsampled"),
+            metadata=[("traceparent", traceparent(unsampled, sampled=False))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        # No traceparent: a root, sampled at 0.
+        run.stub.GetToken(password_request(pb, RIGHT_PASSWORD, "Untraced"), timeout=RPC_TIMEOUT_S)
+        # Sampled, and sent last: once its spans arrived, the earlier calls' would have too.
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "Sampled"),
+            metadata=[("traceparent", traceparent(sampled))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        spans = collector.wait_for(
+            lambda spans: len(of_trace(spans, sampled)) >= 2, "the sampled call's spans"
+        )
+    finally:
+        run.stop()
+        collector.stop()
+    assert of_trace(spans, unsampled) == [], "an unsampled parent must not be exported"
+    exported_traces = {span.trace_id for _, span in spans}
+    assert exported_traces == {bytes.fromhex(sampled)}, "a root at sample_ratio 0 is not exported"
+    # Logs still name the unsampled caller's trace.
+    assert any(e.get("trace_id") == unsampled for e in run.tg.events()), run.tg.diagnostics()
+
+
+def test_otel_environment_variables_configure_export(pb, tmp_path, upstream):
+    collector = HttpCollector()
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, ""),
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": "from-the-environment",
+        },
+    )
+    try:
+        trace_id = new_trace_id()
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "FromEnv"),
+            metadata=[("traceparent", traceparent(trace_id))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        spans = collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over http")
+    finally:
+        run.stop()
+        collector.stop()
+    resource = next(r for r, span in spans if span.trace_id == bytes.fromhex(trace_id))
+    assert attrs(resource)["service.name"] == "from-the-environment"
+
+
+def every_call(pb, run: Running) -> int:
+    """Calls across grants and client authentications, each carrying known secrets."""
+    m = pb.msg
+    grants = [
+        m.GetTokenRequest(password=m.PasswordGrant(username="bob", password=RIGHT_PASSWORD, pin=PIN)),
+        m.GetTokenRequest(client_id=POST_APP, password=m.PasswordGrant(username="bob", password=WRONG_PASSWORD)),
+        m.GetTokenRequest(
+            authorization_code=m.AuthorizationCodeGrant(
+                code=AUTH_CODE, redirect_uri="https://app.example/cb", code_verifier=CODE_VERIFIER
+            )
+        ),
+        m.GetTokenRequest(client_id=POST_APP, jwt_bearer=m.JwtBearerGrant(assertion=ASSERTION)),
+        m.GetTokenRequest(refresh_token=m.RefreshTokenGrant(refresh_token=REFRESH_TOKEN_IN)),
+        m.GetTokenRequest(ivr_pin=m.IvrPinGrant(ivr_pin=IVR_PIN)),
+        m.GetTokenRequest(
+            jwt_bearer=m.JwtBearerGrant(assertion=ASSERTION),
+            client_assertion=m.ClientAssertion(assertion=CLIENT_ASSERTION),
+        ),
+        # A caller-chosen, unregistered client_id: the span says "public".
+        m.GetTokenRequest(client_id=RAW_CLIENT_ID, password=m.PasswordGrant(username="bob", password=RIGHT_PASSWORD)),
+        # Reports the token it got as refused: a second upstream round trip.
+        m.GetTokenRequest(
+            password=m.PasswordGrant(username="bob", password=RIGHT_PASSWORD, pin=PIN),
+            rejected_access_token=ACCESS_TOKEN,
+        ),
+    ]
+    calls = 0
+    for request in grants:
+        try:
+            run.stub.GetToken(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError:
+            pass  # the wrong password fails on purpose; its span is checked all the same
+        calls += 1
+    for client_id in (BASIC_APP, POST_APP):
+        run.stub.RevokeToken(m.RevokeTokenRequest(token=REVOKED_TOKEN, client_id=client_id), timeout=RPC_TIMEOUT_S)
+        calls += 1
+    return calls
+
+
+def test_no_secret_reaches_any_exported_span(pb, tmp_path, upstream, collector):
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(
+            upstream.port,
+            f'otlp_endpoint = "{collector.endpoint}"\notlp_protocol = "{collector.protocol}"',
+        ),
+    )
+    try:
+        calls = every_call(pb, run)
+        spans = collector.wait_for(
+            lambda spans: sum(1 for _, s in spans if s.kind == SERVER) >= calls,
+            f"{calls} server spans",
+        )
+    finally:
+        run.stop()
+
+    servers = [s for _, s in spans if s.kind == SERVER]
+    assert len(servers) == calls
+    names = {s.name for s in servers}
+    assert names == {"tokengate.v1.TokenService/GetToken", "tokengate.v1.TokenService/RevokeToken"}
+    assert any(attrs(s).get("client_id") == "public" for s in servers), "the unregistered caller is public"
+    assert any(s.kind == CLIENT and attrs(s)["http.response.status_code"] == 400 for _, s in spans)
+    assert any(e.name == "call failed" for s in servers for e in s.events), "span events were exported"
+
+    # Every byte exported: attributes, events, resource, status messages, names.
+    exported = b"".join(collector.raw)
+    for secret in SECRETS:
+        assert secret.encode() not in exported, f"{secret!r} reached an exported span"
+    assert b"eyJ" not in exported, "a JWT reached an exported span"
+
+
+def test_an_unreachable_collector_blocks_nothing_and_is_logged_once(pb, tmp_path, upstream):
+    down = Unreachable()
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, f'otlp_endpoint = "{down.endpoint}"', grace="2s"),
+    )
+    try:
+        def call(i):
+            response = run.stub.GetToken(
+                password_request(pb, RIGHT_PASSWORD, f"Down{i}"), timeout=RPC_TIMEOUT_S
+            )
+            assert response.access_token == ACCESS_TOKEN
+
+        call(0)
+        run.tg.wait_for_event(
+            lambda e: "cannot export spans" in e.get("fields", {}).get("message", ""),
+            EXPORT_DEADLINE_S,
+            "the export failure",
+        )
+        # More calls, and more failed exports after the first was reported.
+        seen = down.accepted
+        for i in range(1, 20):
+            call(i)
+        down.wait_accepted(seen + 5)
+    finally:
+        run.stop()
+        down.stop()
+    warnings = [
+        e for e in run.tg.events() if "cannot export spans" in e.get("fields", {}).get("message", "")
+    ]
+    assert len(warnings) == 1, [w["fields"] for w in warnings]
+
+
+def test_spans_buffered_at_shutdown_are_flushed(pb, tmp_path, upstream):
+    collector = GrpcCollector()
+    # Batches would wait a minute: only the flush at shutdown can deliver these spans.
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, f'otlp_endpoint = "{collector.endpoint}"'),
+        {"OTEL_BSP_SCHEDULE_DELAY": "60000"},
+    )
+    trace_id = new_trace_id()
+    try:
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "AtShutdown"),
+            metadata=[("traceparent", traceparent(trace_id))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert of_trace(collector.spans(), trace_id) == [], "nothing exported before shutdown"
+    finally:
+        run.stop()
+    try:
+        # Delivered before the process exited (stop() waited for that).
+        assert len(of_trace(collector.spans(), trace_id)) == 2
+    finally:
+        collector.stop()
+
+
+@pytest.mark.parametrize(
+    "telemetry, env, named",
+    [
+        ("sample_ratio = 1.5", {}, "telemetry.sample_ratio"),
+        ("sample_ratio = nan", {}, "telemetry.sample_ratio"),
+        ('otlp_protocol = "http/json"', {}, "otlp_protocol"),
+        ('otlp_endpoint = "collector:4317"', {}, "telemetry.otlp_endpoint"),
+        ("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://collector"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ("", {"OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ("", {"TOKENGATE_TELEMETRY__SAMPLE_RATIO": "-1"}, "telemetry.sample_ratio"),
+    ],
+)
+def test_check_config_refuses_bad_telemetry_values(tmp_path, upstream, telemetry, env, named):
+    config = tmp_path / "tokengate.toml"
+    config.write_text(config_text(upstream.port, telemetry))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
+    done = subprocess.run(
+        [str(binary()), "check-config", "--config", str(config)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 64, (done.returncode, done.stdout, done.stderr)
+    assert named in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_check_config_shows_the_telemetry_in_force(tmp_path, upstream):
+    config = tmp_path / "tokengate.toml"
+    config.write_text(config_text(upstream.port, ""))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
+    done = subprocess.run(
+        [str(binary()), "check-config", "--config", str(config)],
+        env={**clean, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "tg-env"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'otlp_endpoint = "http://collector:4318"' in done.stdout, done.stdout
+    assert 'otlp_protocol = "http/protobuf"' in done.stdout, done.stdout
+    assert 'service_name = "tg-env"' in done.stdout, done.stdout
