@@ -1,8 +1,10 @@
 //! Overload protection: at most `max_concurrent_calls` calls work at once, at most
 //! `max_queued_calls` wait for a turn, and the rest are refused at once, so a burst is shed
-//! fast instead of piling up memory and latency.
+//! fast instead of piling up memory and latency. No call waits longer than `max_wait`
+//! (`upstream.request_timeout`), even one that carries no deadline of its own.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
@@ -14,6 +16,8 @@ pub enum Refusal {
     Overloaded,
     /// The caller's deadline passed while the call waited in the queue.
     DeadlineExceeded,
+    /// The call waited `max_wait` without getting a slot: as good as shed.
+    WaitedTooLong,
 }
 
 /// The admission gate shared by every call.
@@ -23,6 +27,7 @@ pub struct Admission {
     max_concurrent: usize,
     queued: AtomicUsize,
     max_queued: usize,
+    max_wait: Duration,
 }
 
 /// Keeps the queue count right however the wait ends (admitted, refused or cancelled).
@@ -35,12 +40,14 @@ impl Drop for Queued<'_> {
 }
 
 impl Admission {
-    pub fn new(max_concurrent: usize, max_queued: usize) -> Self {
+    /// `max_concurrent` must not exceed tokio's `Semaphore::MAX_PERMITS` (config bounds it).
+    pub fn new(max_concurrent: usize, max_queued: usize, max_wait: Duration) -> Self {
         Self {
             slots: Semaphore::new(max_concurrent),
             max_concurrent,
             queued: AtomicUsize::new(0),
             max_queued,
+            max_wait,
         }
     }
 
@@ -55,7 +62,8 @@ impl Admission {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// Waits for a slot (in arrival order) unless the queue is full or the deadline passes.
+    /// Waits for a slot (in arrival order) unless the queue is full, or the caller's deadline
+    /// or `max_wait` passes first.
     pub async fn admit(&self, deadline: Option<Instant>) -> Result<SemaphorePermit<'_>, Refusal> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
@@ -65,26 +73,28 @@ impl Admission {
             return Err(Refusal::Overloaded);
         }
         let _queued = Queued(&self.queued);
-        let acquire = self.slots.acquire();
-        let permit = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, acquire)
-                .await
-                .map_err(|_| Refusal::DeadlineExceeded)?,
-            None => acquire.await,
+        let own_deadline = Instant::now() + self.max_wait;
+        let (until, refusal) = match deadline {
+            Some(deadline) if deadline <= own_deadline => (deadline, Refusal::DeadlineExceeded),
+            _ => (own_deadline, Refusal::WaitedTooLong),
         };
-        // The semaphore is never closed.
-        permit.map_err(|_| Refusal::Overloaded)
+        tokio::time::timeout_at(until, self.slots.acquire())
+            .await
+            .map_err(|_| refusal)?
+            // The semaphore is never closed.
+            .map_err(|_| Refusal::Overloaded)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    const LONG: Duration = Duration::from_secs(10);
 
     #[tokio::test]
     async fn calls_beyond_the_slots_queue_and_beyond_the_queue_are_refused() {
-        let gate = Admission::new(2, 1);
+        let gate = Admission::new(2, 1, LONG);
         let a = gate.admit(None).await.unwrap();
         let _b = gate.admit(None).await.unwrap();
         let queued = gate.admit(None);
@@ -106,7 +116,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_queued_call_gives_up_at_its_deadline_and_leaves_the_queue() {
-        let gate = Admission::new(1, 4);
+        let gate = Admission::new(1, 4, LONG);
         let _held = gate.admit(None).await.unwrap();
         let deadline = Instant::now() + Duration::from_millis(100);
         assert_eq!(
@@ -114,6 +124,22 @@ mod tests {
             Refusal::DeadlineExceeded
         );
         assert_eq!(gate.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_without_a_deadline_waits_at_most_max_wait() {
+        let gate = Admission::new(1, 4, Duration::from_millis(250));
+        let _held = gate.admit(None).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(gate.admit(None).await.unwrap_err(), Refusal::WaitedTooLong);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(gate.queued(), 0, "it left the queue");
+        // A caller's deadline past max_wait is cut to max_wait too.
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            gate.admit(Some(far)).await.unwrap_err(),
+            Refusal::WaitedTooLong
+        );
     }
 
     /// Polls a future once.

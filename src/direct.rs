@@ -48,22 +48,26 @@ enum Endpoint {
 }
 
 impl Direct {
-    /// Authenticates the client, holds back while a penalty is in force, waits for a turn
-    /// and sends. Answers a token from the token endpoint, nothing from revocation.
+    /// Checks the client, holds back while a penalty is in force, waits for a turn, and only
+    /// then authenticates (signing an assertion costs CPU that a shed call must not burn) and
+    /// sends. Answers a token from the token endpoint, nothing from revocation.
     async fn send(
         &self,
         request: Request<'_>,
         endpoint: Endpoint,
         deadline: Option<Instant>,
     ) -> Result<Option<Token>, Failure> {
-        let auth = self
+        let client = self
             .clients
-            .resolve(request.client_id, request.assertion, request.grant)
+            .check(
+                request.client_id,
+                request.assertion.is_some(),
+                request.grant,
+            )
             .map_err(Failure::Client)?;
-        let caller_credentials = auth.from_caller();
         let keys = GuardKeys::new(
             &self.keys,
-            auth.client_id().unwrap_or_default(),
+            client.client_id.unwrap_or_default(),
             request.user.as_deref(),
         );
         if let Some(wait) = self.guard.remaining(&keys) {
@@ -75,12 +79,17 @@ impl Direct {
             .admit(deadline)
             .await
             .map_err(|refusal| match refusal {
-                Refusal::Overloaded => {
+                Refusal::Overloaded | Refusal::WaitedTooLong => {
                     self.metrics.call_shed();
                     Failure::Overloaded
                 }
                 Refusal::DeadlineExceeded => Failure::DeadlineExceeded,
             })?;
+        let auth = self
+            .clients
+            .resolve(request.client_id, request.assertion, request.grant)
+            .map_err(Failure::Client)?;
+        let caller_credentials = auth.from_caller();
         let mut fields = request.fields;
         auth.push_fields(&mut fields);
         let penalty = RequestPenalty {
@@ -156,5 +165,65 @@ impl Fetch for Direct {
         };
         let token = self.send(sent, Endpoint::Token, deadline).await?;
         Ok(token.expect("the token endpoint answers a token or an error"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::grant::Grant;
+
+    /// Signing an RSA assertion costs far more than shedding a call: under overload, the
+    /// call is refused before anything is signed.
+    #[tokio::test]
+    async fn a_shed_call_signs_no_assertion() {
+        let key = format!(
+            "{}/tests/fixtures/keys/rsa-a.pem",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let config = Config::from_toml(&format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nallow_insecure_http = true\n\
+             [[clients.registered]]\nclient_id = \"pk\"\nauth_method = \"private_key_jwt\"\n\
+             private_key_file = \"{key}\"\n"
+        ))
+        .unwrap();
+        let metrics = Arc::new(Metrics::new(["pk"]));
+        let upstream = Upstream::new(&config.upstream, metrics.clone()).unwrap();
+        let clients =
+            Arc::new(Clients::new(&config.clients, upstream.token_url().as_str()).unwrap());
+        let [signer] = &clients.signers()[..] else {
+            panic!("one signing client")
+        };
+        let signer = signer.clone();
+        let direct = Direct {
+            clients,
+            upstream,
+            guard: Arc::new(RateLimitGuard::new(None)),
+            admission: Admission::new(1, 0, Duration::from_secs(1)),
+            keys: Arc::new(Keys::new(None)),
+            metrics,
+        };
+        let _every_slot = direct.admission.admit(None).await.unwrap();
+        let request = TokenRequest {
+            grant: Grant::ClientCredentials { subject: None },
+            client_id: Some("pk".into()),
+            client_assertion: None,
+            scopes: Vec::new(),
+            endpoint_id: None,
+            access_token_ttl: None,
+            refresh_token_ttl: None,
+            rejected_access_token: None,
+        };
+        let refused = direct.fetch(&request, None).await.unwrap_err();
+        assert!(matches!(refused, Failure::Overloaded), "{refused:?}");
+        assert_eq!(
+            signer.signed.load(Ordering::Relaxed),
+            0,
+            "nothing was signed"
+        );
     }
 }

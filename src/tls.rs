@@ -1,10 +1,12 @@
 //! TLS on the gRPC listener: certificate and key from PEM files, re-read when they change
 //! (cert-manager rotates them in place), and optional client-certificate verification
 //! against a CA (mTLS). Handshakes run off the accept loop, bounded in time, so a slow or
-//! broken client cannot hold up others.
+//! broken client cannot hold up others. The serving certificate's notAfter is kept for
+//! `tokengate_tls_certificate_expiry_timestamp_seconds`, and follows every reload.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +23,12 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Longest a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once. Each holds a task, a socket and rustls state for up to
+/// [`HANDSHAKE_TIMEOUT`]; beyond this many, a new connection is closed at once, so clients
+/// that connect and never speak cannot pile up thousands of them.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// The PEM files of the listener's TLS.
 #[derive(Clone, Debug)]
@@ -46,6 +53,11 @@ impl TlsFiles {
 
     /// Reads the files and builds the rustls configuration (HTTP/2 only, as gRPC needs).
     pub fn load(&self) -> Result<ServerConfig, String> {
+        self.load_with_expiry().map(|(config, _)| config)
+    }
+
+    /// [`TlsFiles::load`], with the serving (first) certificate's notAfter in Unix seconds.
+    fn load_with_expiry(&self) -> Result<(ServerConfig, i64), String> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert_file)
             .and_then(Iterator::collect)
             .map_err(|e| format!("server.tls.cert_file {}: {e}", self.cert_file.display()))?;
@@ -55,6 +67,12 @@ impl TlsFiles {
                 self.cert_file.display()
             ));
         }
+        let not_after = not_after(&certs[0]).map_err(|e| {
+            format!(
+                "server.tls.cert_file {}: cannot read the certificate: {e}",
+                self.cert_file.display()
+            )
+        })?;
         let key = PrivateKeyDer::from_pem_file(&self.key_file)
             .map_err(|e| format!("server.tls.key_file {}: {e}", self.key_file.display()))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -88,7 +106,7 @@ impl TlsFiles {
             .with_single_cert(certs, key)
             .map_err(|e| format!("server.tls: the certificate and key do not match: {e}"))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
+        Ok((config, not_after))
     }
 
     fn stamps(&self) -> Stamps {
@@ -102,6 +120,13 @@ impl TlsFiles {
     }
 }
 
+/// A certificate's notAfter, in Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// What identifies one version of the TLS files: each file's modification time and size.
 type Stamps = Vec<Option<(SystemTime, u64)>>;
 
@@ -109,6 +134,8 @@ type Stamps = Vec<Option<(SystemTime, u64)>>;
 pub struct ReloadingTls {
     files: TlsFiles,
     current: RwLock<(Arc<ServerConfig>, Stamps)>,
+    /// The serving certificate's notAfter (Unix seconds), of the configuration in use.
+    not_after: AtomicI64,
 }
 
 impl std::fmt::Debug for ReloadingTls {
@@ -122,11 +149,17 @@ impl std::fmt::Debug for ReloadingTls {
 impl ReloadingTls {
     pub fn new(files: TlsFiles) -> Result<Self, String> {
         let stamps = files.stamps();
-        let config = files.load()?;
+        let (config, not_after) = files.load_with_expiry()?;
         Ok(Self {
             files,
             current: RwLock::new((Arc::new(config), stamps)),
+            not_after: AtomicI64::new(not_after),
         })
+    }
+
+    /// When the certificate being served expires, in Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
     }
 
     fn acceptor(&self) -> TlsAcceptor {
@@ -152,14 +185,15 @@ impl ReloadingTls {
         {
             return;
         }
-        let loaded = self.files.load();
+        let loaded = self.files.load_with_expiry();
         let mut current = self
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match loaded {
-            Ok(config) => {
+            Ok((config, not_after)) => {
                 *current = (Arc::new(config), stamps);
+                self.not_after.store(not_after, Ordering::Relaxed);
                 tracing::info!(cert_file = %self.files.cert_file.display(), "reloaded the TLS certificate");
             }
             Err(error) => {
@@ -189,17 +223,24 @@ pub fn incoming(
     tls: Arc<ReloadingTls>,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 () = tx.closed() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "too many TLS handshakes in progress; closing the connection");
+                            continue;
+                        };
                         let _ = tcp.set_nodelay(true);
                         let acceptor = tls.acceptor();
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                            drop(handshake);
+                            match shaken {
                                 Ok(Ok(stream)) => {
                                     let _ = tx.send(Ok(stream)).await;
                                 }

@@ -173,10 +173,22 @@ async fn tls_serves_token_calls_and_health_and_refuses_plaintext() {
     let ca = Ca::new("test CA");
     let files = server_files(dir.path(), &ca, None);
     let served = serve(|up| format!("{}{files}{}", base(up), clients(""))).await;
-    assert_eq!(
-        served.health_addr, None,
-        "no separate health port without mTLS"
-    );
+    // Kubernetes' gRPC probes speak no TLS: health is also on a plaintext port.
+    let health_addr = served
+        .health_addr
+        .expect("TLS without mTLS opens the plaintext health port too");
+    let plain_health = Endpoint::from_shared(format!("http://{health_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(plain_health)
+        .check(HealthCheckRequest {
+            service: "tokengate.v1.TokenService".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.into_inner().status(), ServingStatus::Serving);
 
     let channel = tls_channel(served.addr, &ca, None)
         .await
@@ -440,4 +452,61 @@ fn tls_and_caller_config_is_checked_at_load() {
     let mismatched = other.issue(&["localhost"], None);
     write(dir.path(), "tls.key", &mismatched.key);
     refused(files, "do not match");
+}
+
+/// Clients that connect and never send a ClientHello hold a handshake each; beyond
+/// `MAX_HANDSHAKES` the server closes new connections at once instead of holding thousands,
+/// and serves again as soon as the stalled ones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_capped_and_the_excess_closed_at_once() {
+    use tokengate::tls::{HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
+    use tokio::io::AsyncReadExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let files = server_files(dir.path(), &ca, None);
+    let served = serve(|up| format!("{}{files}{}", base(up), clients(""))).await;
+
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_HANDSHAKES {
+        stalled.push(tokio::net::TcpStream::connect(served.addr).await.unwrap());
+    }
+    // Each further connection is closed by the server well before the handshake timeout;
+    // without a cap it would be held open, unanswered, for the full timeout.
+    let patience = HANDSHAKE_TIMEOUT / 2;
+    let mut closed = 0;
+    for _ in 0..20 {
+        let mut extra = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(patience, extra.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(n)) => panic!("the server sent {n} bytes to a silent client"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        closed, 20,
+        "every connection past {MAX_HANDSHAKES} stalled ones is closed"
+    );
+
+    // The stalled clients leave: their handshakes end, and real clients are served again.
+    drop(stalled);
+    let deadline = tokio::time::Instant::now() + patience;
+    let channel = loop {
+        match tls_channel(served.addr, &ca, None).await {
+            Ok(channel) => break channel,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not served again after the stalled clients left: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let token = TokenServiceClient::new(channel)
+        .get_token(request("app-a"))
+        .await
+        .unwrap();
+    assert_eq!(token.into_inner().access_token, "at-tls");
 }

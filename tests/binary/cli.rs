@@ -95,6 +95,15 @@ fn bad_config_exits_64_with_one_line_and_no_secret() {
             "[[clients.registered]]\nclient_id = \"a\"\nclient_secret = \"leaky-secret-9\"\nauth_method = \"none\"\n",
             "auth_method",
         ),
+        // Values that once overflowed an `Instant` addition or panicked tokio's semaphore.
+        (
+            "[upstream]\nrequest_timeout = \"584542046090y\"\n",
+            "upstream.request_timeout",
+        ),
+        (
+            "[server]\nmax_concurrent_calls = 9223372036854775807\n",
+            "server.max_concurrent_calls",
+        ),
     ];
     for (text, expected) in cases {
         let config = write(dir.path(), "bad.toml", text);
