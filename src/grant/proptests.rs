@@ -577,8 +577,16 @@ proptest! {
                 }
                 let secrets: Vec<&str> =
                     fields.iter().filter(|f| f.secret).map(|f| f.value.as_ref()).collect();
-                let plain: Vec<&str> =
-                    fields.iter().filter(|f| !f.secret).map(|f| f.value.as_ref()).collect();
+                // Debug also shows the client id and scopes, which are not form fields: a
+                // secret that happens to occur inside them is not a leak.
+                let plain: Vec<&str> = fields
+                    .iter()
+                    .filter(|f| !f.secret)
+                    .map(|f| f.value.as_ref())
+                    .chain(token.client_id.as_deref())
+                    .chain(token.scopes.iter().map(String::as_str))
+                    .chain(token.endpoint_id.as_deref())
+                    .collect();
                 check_redacted(&format!("{token:?}"), &secrets, &plain)?;
                 check_redacted(&format!("{fields:?}"), &secrets, &plain)?;
 
