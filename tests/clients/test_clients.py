@@ -19,10 +19,8 @@ import base64
 import hashlib
 import json
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +34,9 @@ import grpc_tools
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The binary as a process, shared with tests/python.
+sys.path.insert(0, str(REPO_ROOT / "tests" / "python"))
+from tokengate_process import Tokengate, binary  # noqa: E402
 PROTO_DIR = REPO_ROOT / "proto"
 EXAMPLES = REPO_ROOT / "examples" / "clients"
 
@@ -210,80 +211,6 @@ class Upstream:
             return [r for r in self.requests if r.method == method and r.path == path]
 
 
-# --------------------------------------------------------------------------- tokengate
-
-
-class Tokengate:
-    """The real binary on port 0; ready once it logs `listening` (JSON logs)."""
-
-    def __init__(self, binary: Path, config: Path, workdir: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
-        env["RUST_LOG"] = "info,tokengate=trace"
-        self.stderr_path = workdir / "tokengate.stderr"
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(config), "--log-format", "json"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            cwd=workdir,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for raw in iter(self.proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def logs(self) -> str:
-        return "\n".join(self.lines) + "\n" + self.stderr_path.read_text(errors="replace")
-
-    def wait_listening(self) -> str:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"tokengate exited with {self.proc.wait()}\n{self.logs()}")
-            try:
-                fields = json.loads(line).get("fields") or {}
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if fields.get("message") == "listening":
-                return fields["addr"]
-        raise AssertionError(f"tokengate did not log 'listening' in time\n{self.logs()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=SHUTDOWN_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"tokengate ignored SIGTERM\n{self.logs()}")
-        finally:
-            self._reader.join(timeout=5)
-            self._stderr.close()
-
-
-def _binary() -> Path:
-    path = Path(os.environ.get("TOKENGATE_BIN", "target/debug/tokengate"))
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    if not path.exists():
-        pytest.fail(f"tokengate binary not found at {path}; run `cargo build --bins`")
-    return path
-
-
 @dataclass
 class Stack:
     upstream: Upstream
@@ -322,12 +249,12 @@ auth_method = "client_secret_post"
 allowed_grants = ["jwt_bearer"]
 """
     )
-    tg = Tokengate(_binary(), config, tmp_path)
+    tg = Tokengate(binary(), config, tmp_path)
     try:
-        addr = tg.wait_listening()
+        addr = tg.wait_listening(STARTUP_DEADLINE_S)
         yield Stack(upstream, addr, tg)
     finally:
-        code = tg.stop()
+        code = tg.stop(SHUTDOWN_DEADLINE_S)
         upstream.stop()
     assert code == 0, f"tokengate exited with {code} after SIGTERM\n{tg.logs()}"
     logs = tg.logs()

@@ -85,6 +85,10 @@ class Tokengate:
             self._queue.put(line)
         self._queue.put(None)  # EOF
 
+    def logs(self) -> str:
+        """Everything it wrote so far, stdout and stderr."""
+        return "\n".join(self.lines) + "\n" + self.stderr_path.read_text(errors="replace")
+
     def diagnostics(self) -> str:
         try:
             stderr = self.stderr_path.read_text(errors="replace")
