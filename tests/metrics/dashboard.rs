@@ -14,15 +14,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use super::{client_credentials, jwt, password};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
 use testkit::{CountingUpstream, Prometheus, RedisServer, Tokengate, http_get, message};
 use tokengate::proto::get_token_request::Grant;
 use tokengate::proto::token_service_client::TokenServiceClient;
-use tokengate::proto::{
-    ClientCredentialsGrant, GetTokenRequest, JwtBearerGrant, PasswordGrant, RefreshTokenGrant,
-    RevokeTokenRequest,
-};
+use tokengate::proto::{GetTokenRequest, RefreshTokenGrant, RevokeTokenRequest};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const DASHBOARD: &str = include_str!("../../helm/tokengate/dashboards/tokengate.json");
@@ -192,43 +190,6 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-fn jwt(subject: &str) -> GetTokenRequest {
-    use base64::Engine as _;
-    let part = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
-    let assertion = format!(
-        "{}.{}.sig",
-        part(r#"{"alg":"none"}"#),
-        part(&format!(r#"{{"sub":"{subject}"}}"#))
-    );
-    GetTokenRequest {
-        grant: Some(Grant::JwtBearer(JwtBearerGrant { assertion })),
-        client_id: APP.into(),
-        ..Default::default()
-    }
-}
-
-fn password(client_id: &str, username: &str) -> GetTokenRequest {
-    GetTokenRequest {
-        grant: Some(Grant::Password(PasswordGrant {
-            username: username.into(),
-            password: "pw".into(),
-            ..Default::default()
-        })),
-        client_id: client_id.into(),
-        ..Default::default()
-    }
-}
-
-fn client_credentials() -> GetTokenRequest {
-    GetTokenRequest {
-        grant: Some(Grant::ClientCredentials(ClientCredentialsGrant {
-            subject: None,
-        })),
-        client_id: APP.into(),
-        ..Default::default()
-    }
-}
-
 /// A refresh token the upstream never issued: it answers `400 invalid_grant`.
 fn unknown_refresh() -> GetTokenRequest {
     GetTokenRequest {
@@ -272,9 +233,9 @@ impl Fleet {
     /// of several reasons, an upstream 400 and 429, a retried 429, a penalty on one user and
     /// a call refused under it, client credentials, and a revocation.
     async fn known_traffic(&self) {
-        self.get(0, jwt("alice")).await.unwrap();
+        self.get(0, jwt(APP, "alice")).await.unwrap();
         for pod in 0..2 {
-            self.get(pod, jwt("alice")).await.unwrap();
+            self.get(pod, jwt(APP, "alice")).await.unwrap();
             self.get(pod, password("public-caller", "bob"))
                 .await
                 .unwrap();
@@ -283,13 +244,13 @@ impl Fleet {
         }
         // A 429 whose Retry-After fits the call's deadline is waited out and sent again.
         self.upstream.rate_limit_next(1, Duration::from_secs(1));
-        self.get(1, jwt("carol")).await.unwrap();
+        self.get(1, jwt(APP, "carol")).await.unwrap();
         // One that does not fit fails, and holds a penalty on that user that refuses the
         // next call (short, so that the long run's traffic is not held back).
         self.upstream.rate_limit_next(1, Duration::from_secs(15));
-        self.get(0, jwt("mallory")).await.unwrap_err();
-        self.get(0, jwt("mallory")).await.unwrap_err();
-        self.get(1, client_credentials()).await.unwrap();
+        self.get(0, jwt(APP, "mallory")).await.unwrap_err();
+        self.get(0, jwt(APP, "mallory")).await.unwrap_err();
+        self.get(1, client_credentials(APP)).await.unwrap();
         self.revoke(1, "rt-of-someone".into()).await.unwrap();
     }
 
@@ -317,7 +278,7 @@ impl Fleet {
                 let request = if k % 3 == 2 {
                     password("public-caller", &format!("user-{i}"))
                 } else {
-                    jwt(&format!("user-{i}"))
+                    jwt(APP, &format!("user-{i}"))
                 };
                 calls.spawn(call(self.client((n + k) as usize), request));
             }
@@ -341,7 +302,7 @@ impl Fleet {
             }
             if (ticks / 4..ticks / 2).contains(&n) && n % 10 == 0 {
                 for k in 0..4 * SLOTS as u64 {
-                    calls.spawn(call(self.client(0), jwt(&format!("burst-{n}-{k}"))));
+                    calls.spawn(call(self.client(0), jwt(APP, &format!("burst-{n}-{k}"))));
                 }
             }
             // From 55 % to 75 %, 429s with a Retry-After longer than a call may wait: each
@@ -350,7 +311,7 @@ impl Fleet {
                 self.upstream.rate_limit_next(1, Duration::from_secs(20));
             }
             if n % 5 == 0 && client_wide {
-                calls.spawn(call(self.client(n as usize), client_credentials()));
+                calls.spawn(call(self.client(n as usize), client_credentials(APP)));
             }
             // The signing key is rotated at 30 %, broken at 60 % and mended at 70 %.
             let signing_key = self.dir.path().join(SIGNING_KEY);
