@@ -4,13 +4,15 @@
 //!
 //! - [`traces`]: the OpenTelemetry pipeline (sampler, exporter, flush) and the caller's W3C
 //!   trace context read from gRPC metadata;
-//! - `json`: JSON log lines stamped with the call's `trace_id` and `span_id`.
+//! - `json`: JSON log lines stamped with the call's `trace_id` and `span_id`;
+//! - `text`: human-readable lines without the fields that only shape exported spans.
 //!
 //! No secret ever reaches a field: secrets live in `SecretString` (whose `Debug` is
 //! redacted) and proto messages with credentials have hand-written redacting `Debug`. Span
 //! attributes are the same fields, so the same holds for every exported span.
 
 mod json;
+mod text;
 pub mod traces;
 
 use std::fs::File;
@@ -93,7 +95,10 @@ fn install(format: LogFormat, traces: Traces) -> Telemetry {
         .with_ansi(std::io::stdout().is_terminal())
         .with_writer(writer);
     let lines = match format {
-        LogFormat::Text => lines.with_filter(filter).boxed(),
+        LogFormat::Text => lines
+            .fmt_fields(text::SpanFields)
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => lines
             .json()
             .fmt_fields(json::SpanFields)
@@ -106,8 +111,9 @@ fn install(format: LogFormat, traces: Traces) -> Telemetry {
             .with_filter(filter)
             .boxed(),
     };
-    // RUST_LOG filters the log lines only: spans are traced whatever the log level.
-    let spans = traces.layer();
+    // RUST_LOG filters the log lines only: spans are traced whatever the log level. Without a
+    // collector, only JSON lines read the ids the layer gives spans.
+    let spans = (traces.exporting() || format == LogFormat::Json).then(|| traces.layer());
     // A second init (tests that build several apps) keeps the first subscriber.
     let _ = Registry::default().with(lines).with(spans).try_init();
     Telemetry { traces, log }

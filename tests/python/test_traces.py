@@ -347,13 +347,14 @@ auth_method = "client_secret_post"
 class Running:
     """A started tokengate and a stub for it; stop() checks it exits cleanly."""
 
-    def __init__(self, pb, tmp_path, config: str, extra_env: dict | None = None):
+    def __init__(self, pb, tmp_path, config: str, extra_env: dict | None = None,
+                 log_format: str = "json"):
         path = tmp_path / "tokengate.toml"
         path.write_text(config)
         # Export batches every 100 ms instead of every 5 s, so tests wait less.
         env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
         env.update(extra_env or {})
-        self.tg = Tokengate(binary(), path, tmp_path, env)
+        self.tg = Tokengate(binary(), path, tmp_path, env, log_format)
         try:
             addr = self.tg.wait_listening(STARTUP_DEADLINE_S)
         except BaseException:
@@ -472,6 +473,39 @@ def test_the_callers_trace_is_continued_down_to_the_upstream_post(pb, tmp_path, 
     ]
     assert len(lines) == 1, run.tg.diagnostics()
     assert lines[0]["span_id"] == server.span_id.hex()
+
+
+def test_text_logs_still_export_and_leave_out_the_span_only_fields(pb, tmp_path, upstream):
+    # Without a collector, text logs leave the OpenTelemetry layer out (nothing would read
+    # its ids); with one, the layer must be there whatever the log format.
+    collector = GrpcCollector()
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, f'otlp_endpoint = "{collector.endpoint}"'),
+        log_format="text",
+    )
+    try:
+        response = run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "TextLogs"),
+            metadata=[("traceparent", traceparent(TRACE_ID))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert response.access_token == ACCESS_TOKEN
+        spans = collector.wait_for(
+            lambda spans: len(of_trace(spans, TRACE_ID)) >= 2, "server and upstream spans"
+        )
+    finally:
+        run.stop()
+        collector.stop()
+    assert {span.name for span in of_trace(spans, TRACE_ID)} == {
+        "tokengate.v1.TokenService/GetToken", "POST"}
+
+    # The call's text line names the span once, with its fields and not otel.name/otel.kind.
+    lines = [line for line in run.tg.lines if line.endswith("tokengate::service: call succeeded")]
+    assert len(lines) == 1, run.tg.diagnostics()
+    assert f'GetToken{{grant_type="password" client_id="{BASIC_APP}" latency=' in lines[0], lines[0]
+    assert "otel." not in run.tg.logs(), run.tg.diagnostics()
 
 
 def test_an_unsampled_caller_exports_nothing_for_its_call(pb, tmp_path, upstream):

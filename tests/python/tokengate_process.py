@@ -1,7 +1,8 @@
 """The real tokengate binary as a child process, and the Python stubs of its proto.
 
 Shared by the tests in tests/python: each starts tokengate on 127.0.0.1 port 0 with
-`--log-format json` and waits for its `listening` line before talking to it.
+`--log-format json` (or text, when a test is about text lines) and waits for its `listening`
+line before talking to it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO_ROOT / "proto"
 PROTO_FILE = PROTO_DIR / "tokengate" / "v1" / "token.proto"
+# The text format's startup line: `... INFO tokengate::startup: listening addr=127.0.0.1:N ...`.
+TEXT_LISTENING = re.compile(r"tokengate::startup: listening addr=(127\.0\.0\.1:\d+)")
 
 
 def generate_stubs(out: Path) -> types.SimpleNamespace:
@@ -53,7 +57,8 @@ def generate_stubs(out: Path) -> types.SimpleNamespace:
 
 
 class Tokengate:
-    def __init__(self, binary: Path, config: Path, workdir: Path, extra_env: dict | None = None):
+    def __init__(self, binary: Path, config: Path, workdir: Path, extra_env: dict | None = None,
+                 log_format: str = "json"):
         # Nothing from the outer environment configures it: no TOKENGATE_* and no OTEL_*.
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))
@@ -65,7 +70,7 @@ class Tokengate:
         self.stderr_path = workdir / "tokengate.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(config), "--log-format", "json"],
+            [str(binary), "serve", "--config", str(config), "--log-format", log_format],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -146,6 +151,9 @@ class Tokengate:
                 raise AssertionError(
                     f"tokengate exited with {code} before logging 'listening'\n" + self.diagnostics()
                 )
+            text = TEXT_LISTENING.search(line)
+            if text:
+                return text.group(1)
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
