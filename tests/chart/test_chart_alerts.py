@@ -94,6 +94,8 @@ def test_promtool_checks_the_rules_with_every_knob_turned(tmp_path):
                 "upstreamSlow": {"thresholdSeconds": 0.25, "for": "0s"},
                 "certificateExpiry": {"days": 2.5},
                 "cacheHitRatio": {"threshold": 1, "minLookupsPerSecond": 0},
+                "upstreamRetrying": {"threshold": 0.025, "minRequestsPerSecond": 2.5, "for": "1h"},
+                "signingKeyReload": {"for": "30s", "severity": "page"},
                 "redisDown": {"enabled": False},
             },
         }
@@ -102,7 +104,7 @@ def test_promtool_checks_the_rules_with_every_knob_turned(tmp_path):
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     proc = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 10 rules found" in proc.stdout
+    assert "SUCCESS: 12 rules found" in proc.stdout
 
 
 def test_promtool_check_is_not_vacuous(rule_spec, tmp_path):

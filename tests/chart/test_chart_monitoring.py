@@ -23,9 +23,11 @@ ALERTS = {
     "upstreamUnavailable": "TokengateUpstreamUnavailable",
     "upstreamSlow": "TokengateUpstreamSlow",
     "upstreamRateLimited": "TokengateUpstreamRateLimited",
+    "upstreamRetrying": "TokengateUpstreamRetrying",
     "rateLimitPenalties": "TokengateRateLimitPenaltiesInForce",
     "callsShed": "TokengateCallsShed",
     "certificateExpiry": "TokengateCertificateExpiringSoon",
+    "signingKeyReload": "TokengateSigningKeyReloadFailing",
     "noReplicaReady": "TokengateNoReplicaReady",
     "redisDown": "TokengateRedisDown",
     "cacheHitRatio": "TokengateCacheHitRatioCollapsed",
@@ -182,6 +184,7 @@ def test_the_rule_follows_its_values():
                 "upstreamSlow": {"thresholdSeconds": 0.75},
                 "certificateExpiry": {"days": 30},
                 "cacheHitRatio": {"threshold": 0.9, "minLookupsPerSecond": 2},
+                "upstreamRetrying": {"threshold": 0.25, "minRequestsPerSecond": 3},
             },
         }
     }
@@ -198,6 +201,8 @@ def test_the_rule_follows_its_values():
     assert "< 30 * 86400" in rule(r, "TokengateCertificateExpiringSoon")["expr"]
     hit_ratio = rule(r, "TokengateCacheHitRatioCollapsed")["expr"]
     assert ") < 0.9" in hit_ratio and re.search(r">\s*2\s*$", hit_ratio)
+    retrying = rule(r, "TokengateUpstreamRetrying")["expr"]
+    assert ") > 0.25" in retrying and re.search(r">\s*3\s*$", retrying)
     for x in rules(r):
         assert 'job="tokengate-scraped"' in x["expr"] and f'job="{FULLNAME}"' not in x["expr"]
         assert "[5m]" not in x["expr"]
