@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import importlib
 import json
 import os
 import queue
@@ -33,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,7 +40,6 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 import grpc
-import grpc_tools
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -51,9 +48,11 @@ from grpc_status import rpc_status
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-PROTO_DIR = REPO_ROOT / "proto"
-PROTO_FILE = PROTO_DIR / "tokengate" / "v1" / "token.proto"
 PROVIDER_SCRIPT = HERE / "provider.mjs"
+
+# The proto's Python stubs and the binary's path, shared with tests/python.
+sys.path.insert(0, str(REPO_ROOT / "tests" / "python"))
+from tokengate_process import binary, generate_stubs  # noqa: E402
 
 STARTUP_DEADLINE_S = 30.0
 SHUTDOWN_DEADLINE_S = 10.0
@@ -93,23 +92,7 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
     """Generates token_pb2 / token_pb2_grpc from the proto into a tmp dir and imports them."""
-    out = tmp_path_factory.mktemp("stubs")
-    wkt = Path(grpc_tools.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
-    args = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTO_DIR}", f"-I{wkt}", f"--python_out={out}", f"--grpc_python_out={out}",
-        str(PROTO_FILE),
-    ]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"grpc_tools.protoc failed ({done.returncode}): {done.stderr}"
-    sys.path.insert(0, str(out))
-    try:
-        importlib.invalidate_caches()
-        token_pb2 = importlib.import_module("tokengate.v1.token_pb2")
-        token_pb2_grpc = importlib.import_module("tokengate.v1.token_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
-    return types.SimpleNamespace(msg=token_pb2, grpc=token_pb2_grpc)
+    return generate_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 # --------------------------------------------------------------------------- processes
@@ -193,15 +176,6 @@ class Process:
         self.proc.wait()
         self._reader.join(timeout=5)
         self._stderr.close()
-
-
-def _binary() -> Path:
-    path = Path(os.environ.get("TOKENGATE_BIN", "target/debug/tokengate"))
-    if not path.is_absolute():
-        path = (Path.cwd() / path) if (Path.cwd() / path).exists() else (REPO_ROOT / path)
-    if not path.exists():
-        pytest.fail(f"tokengate binary not found at {path}; run `cargo build --bins` or set TOKENGATE_BIN")
-    return path
 
 
 def _clean_env() -> dict[str, str]:
@@ -377,7 +351,7 @@ class Tokengate:
 def _start_tokengate(name: str, config_text: str, workdir: Path, forbidden: list[bytes]):
     config = workdir / "tokengate.toml"
     config.write_text(config_text)
-    check = subprocess.run([str(_binary()), "check-config", "--config", str(config)],
+    check = subprocess.run([str(binary()), "check-config", "--config", str(config)],
                            capture_output=True, text=True, timeout=30, env=_clean_env())
     assert check.returncode == 0, (
         f"tokengate check-config refused the {name} config ({check.returncode}): "
@@ -385,7 +359,7 @@ def _start_tokengate(name: str, config_text: str, workdir: Path, forbidden: list
     )
     env = _clean_env()
     env["RUST_LOG"] = "info,tokengate=trace"  # every tokengate event, for the no-secret check
-    proc = Process(name, [str(_binary()), "serve", "--config", str(config), "--log-format", "json"], workdir, env)
+    proc = Process(name, [str(binary()), "serve", "--config", str(config), "--log-format", "json"], workdir, env)
 
     def listening(event):
         fields = event.get("fields") or {}
