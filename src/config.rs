@@ -33,15 +33,23 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-/// `[telemetry]`: OTLP trace export. A key left out falls back to the standard
-/// `OTEL_EXPORTER_OTLP_*` / `OTEL_SERVICE_NAME` variable, as every OpenTelemetry SDK does.
+/// `[telemetry]`: OTLP trace export. A key left out falls back to the standard variables, as
+/// every OpenTelemetry SDK does: the traces one (`OTEL_EXPORTER_OTLP_TRACES_*`) first, then the
+/// generic one (`OTEL_EXPORTER_OTLP_*`), and `OTEL_SERVICE_NAME`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// The collector's http(s) URL; absent: no export (logs still carry trace ids).
+    /// The collector's http(s) base URL (`/v1/traces` is added for http/protobuf); absent:
+    /// no export (logs still carry trace ids).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
-    /// Absent until loaded: then the key, `OTEL_EXPORTER_OTLP_PROTOCOL` or gRPC.
+    /// Not a key: set only from `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` when `otlp_endpoint` is
+    /// absent, and then the full URL spans go to, used as is. check-config prints it under
+    /// its own name, since as `otlp_endpoint` it would mean another URL for http/protobuf.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// Absent until loaded: then the key, `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` or gRPC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_protocol: Option<OtlpProtocol>,
     /// Absent until loaded: then the key, `OTEL_SERVICE_NAME` or `tokengate`.
@@ -55,6 +63,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            otlp_traces_endpoint: None,
             otlp_protocol: None,
             service_name: None,
             sample_ratio: 1.0,
@@ -89,31 +98,43 @@ impl OtlpProtocol {
 }
 
 impl TelemetryConfig {
-    /// Fills the keys left out from the standard variables (`env` looks one up), then the
-    /// defaults. Errors name the variable a bad value came from.
+    /// Fills the keys left out from the standard variables (`env` looks one up), the traces
+    /// variable before the generic one, then the defaults. Errors name the variable a bad
+    /// value came from.
     fn resolve(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-        if self.otlp_endpoint.is_none()
-            && let Some(endpoint) = set("OTEL_EXPORTER_OTLP_ENDPOINT")
-        {
-            check_endpoint(&endpoint)
-                .map_err(|e| ConfigError::Invalid(format!("OTEL_EXPORTER_OTLP_ENDPOINT {e}")))?;
-            self.otlp_endpoint = Some(endpoint);
+        let set = |name: &'static str| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|value| (name, value))
+        };
+        let invalid = |name: &str, e: String| ConfigError::Invalid(format!("{name} {e}"));
+        if self.otlp_endpoint.is_none() {
+            // The traces variable is the full URL, the generic one a base URL.
+            if let Some((name, url)) = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                check_endpoint(&url).map_err(|e| invalid(name, e))?;
+                self.otlp_traces_endpoint = Some(url);
+            } else if let Some((name, base)) = set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                check_endpoint(&base).map_err(|e| invalid(name, e))?;
+                self.otlp_endpoint = Some(base);
+            }
         }
         if self.otlp_protocol.is_none() {
-            self.otlp_protocol = Some(match set("OTEL_EXPORTER_OTLP_PROTOCOL") {
-                Some(text) => OtlpProtocol::parse(text.trim()).ok_or_else(|| {
-                    ConfigError::Invalid(format!(
-                        "OTEL_EXPORTER_OTLP_PROTOCOL {text:?} is not supported: use grpc or \
-                         http/protobuf"
-                    ))
+            let chosen = set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL"));
+            self.otlp_protocol = Some(match chosen {
+                Some((name, text)) => OtlpProtocol::parse(text.trim()).ok_or_else(|| {
+                    invalid(
+                        name,
+                        format!("{text:?} is not supported: use grpc or http/protobuf"),
+                    )
                 })?,
                 None => OtlpProtocol::Grpc,
             });
         }
         if self.service_name.is_none() {
-            self.service_name =
-                Some(set("OTEL_SERVICE_NAME").unwrap_or_else(|| "tokengate".to_owned()));
+            self.service_name = Some(
+                set("OTEL_SERVICE_NAME").map_or_else(|| "tokengate".to_owned(), |(_, name)| name),
+            );
         }
         Ok(())
     }
@@ -1305,6 +1326,127 @@ mod tests {
         refused(
             &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
             "OTEL_EXPORTER_OTLP_PROTOCOL",
+        );
+    }
+
+    #[test]
+    fn the_traces_variables_win_over_the_generic_ones_and_keys_over_both() {
+        let generic = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        let traces = [
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://traces:4318/custom/traces",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ];
+        let both: Vec<_> = generic.iter().chain(&traces).copied().collect();
+
+        // The traces variables win, and their URL is kept apart: it is the full URL.
+        let config = with_env("", &both).unwrap();
+        let telemetry = &config.telemetry;
+        assert_eq!(
+            telemetry.otlp_traces_endpoint.as_deref(),
+            Some("http://traces:4318/custom/traces")
+        );
+        assert_eq!(telemetry.otlp_endpoint, None, "not a base URL");
+        assert_eq!(telemetry.protocol(), OtlpProtocol::HttpProtobuf);
+        // check-config shows it under its own name: as otlp_endpoint, /v1/traces would be
+        // added to it. Fed back as a key, that name is refused, not read as a base URL.
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains("otlp_traces_endpoint = \"http://traces:4318/custom/traces\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("otlp_endpoint ="), "{shown}");
+        rejects(
+            "[telemetry]\notlp_traces_endpoint = \"http://traces:4318/custom/traces\"",
+            "otlp_traces_endpoint",
+        );
+
+        // Each traces variable wins alone, too.
+        let config = with_env("", &[generic[0], traces[1]]).unwrap();
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://generic:4318")
+        );
+        assert_eq!(config.telemetry.otlp_traces_endpoint, None);
+        assert_eq!(config.telemetry.protocol(), OtlpProtocol::HttpProtobuf);
+        let config = with_env("", &[traces[0], generic[1]]).unwrap();
+        assert_eq!(
+            config.telemetry.otlp_traces_endpoint.as_deref(),
+            Some("http://traces:4318/custom/traces")
+        );
+        assert_eq!(config.telemetry.protocol(), OtlpProtocol::Grpc);
+
+        // The keys win over both, and the endpoint key stays a base URL.
+        let toml = "[telemetry]\notlp_endpoint = \"http://key:4317\"\notlp_protocol = \"grpc\"";
+        let config = with_env(toml, &both).unwrap();
+        let telemetry = &config.telemetry;
+        assert_eq!(telemetry.otlp_endpoint.as_deref(), Some("http://key:4317"));
+        assert_eq!(telemetry.otlp_traces_endpoint, None);
+        assert_eq!(telemetry.protocol(), OtlpProtocol::Grpc);
+
+        // A blank traces variable is as good as unset.
+        let config = with_env(
+            "",
+            &[
+                generic[0],
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", " "),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://generic:4318")
+        );
+        assert_eq!(config.telemetry.otlp_traces_endpoint, None);
+        assert_eq!(config.telemetry.protocol(), OtlpProtocol::Grpc);
+    }
+
+    #[test]
+    fn bad_traces_variables_are_refused_naming_them() {
+        let refused = |vars: &[(&str, &str)], expected: &str| {
+            let error = with_env("", vars).expect_err(expected).to_string();
+            assert!(error.contains(expected), "{error:?} should name {expected}");
+            assert!(!error.contains("hunter2"), "no credential echoed: {error}");
+        };
+        // Named even when the generic variable beside it is good.
+        for bad in [
+            "collector:4318/v1/traces",
+            "ftp://collector/v1/traces",
+            "https://u:hunter2@c.example/v1/traces",
+        ] {
+            refused(
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://good:4318"),
+                    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", bad),
+                ],
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            );
+        }
+        refused(
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ],
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        );
+        // A key in force leaves the variables unread, bad or not.
+        let config = with_env(
+            "[telemetry]\notlp_endpoint = \"http://key:4317\"\notlp_protocol = \"grpc\"",
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://key:4317")
         );
     }
 

@@ -70,7 +70,11 @@ pub fn init(format: LogFormat) -> Telemetry {
 /// the tokio runtime: the gRPC exporter's connection lives there.
 pub fn start(format: LogFormat, config: &TelemetryConfig) -> Result<Telemetry, String> {
     let telemetry = install(format, Traces::new(config)?);
-    if let Some(endpoint) = &config.otlp_endpoint {
+    if let Some(endpoint) = config
+        .otlp_traces_endpoint
+        .as_ref()
+        .or(config.otlp_endpoint.as_ref())
+    {
         tracing::info!(
             endpoint,
             protocol = config.protocol().as_str(),

@@ -49,26 +49,40 @@ impl Traces {
         }
     }
 
-    /// Export to `config.otlp_endpoint` when it is set; [`Traces::off`] otherwise. Must run
-    /// inside the tokio runtime (the gRPC channel's connection task lives there).
+    /// Export to the collector `config` names, when it names one; [`Traces::off`] otherwise.
+    /// `otlp_endpoint` is a base URL (`/v1/traces` is added for http/protobuf), a URL from
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is used as is. Must run inside the tokio runtime
+    /// (the gRPC channel's connection task lives there).
     pub fn new(config: &TelemetryConfig) -> Result<Self, String> {
-        let Some(endpoint) = config.otlp_endpoint.as_deref() else {
-            return Ok(Self::off());
+        // Where a bad URL came from, for the error.
+        let (source, url) = match (&config.otlp_traces_endpoint, &config.otlp_endpoint) {
+            (Some(full), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", full.clone()),
+            (None, Some(base)) if config.protocol() == OtlpProtocol::HttpProtobuf => {
+                ("telemetry.otlp_endpoint", http_traces_url(base))
+            }
+            (None, Some(base)) => ("telemetry.otlp_endpoint", base.clone()),
+            (None, None) => return Ok(Self::off()),
         };
+        // The URL and the protocol are given here, or the HTTP builder would read
+        // `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` itself and refuse to build when a variable
+        // that a key overrides says grpc. Both builders still read
+        // `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS` (gRPC: into
+        // every export's metadata, our own channel or not).
         let exporter = match config.protocol() {
             OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
-                .with_channel(grpc_channel(endpoint)?)
+                .with_channel(grpc_channel(source, &url)?)
                 .with_timeout(EXPORT_TIMEOUT)
                 .build(),
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
-                .with_endpoint(http_traces_url(endpoint))
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(url)
                 .with_http_client(http_client()?)
                 .with_timeout(EXPORT_TIMEOUT)
                 .build(),
         }
-        .map_err(|e| format!("telemetry.otlp_endpoint: cannot build the OTLP exporter: {e}"))?;
+        .map_err(|e| format!("{source}: cannot build the OTLP exporter: {e}"))?;
         let exporter = ReportOnce {
             inner: exporter,
             failing: AtomicBool::new(false),
@@ -134,9 +148,9 @@ impl Traces {
 
 /// A gRPC channel to the collector, trusting webpki's roots for https (as the upstream
 /// client does), so no second TLS stack and no system store are needed.
-fn grpc_channel(endpoint: &str) -> Result<tonic::transport::Channel, String> {
+fn grpc_channel(source: &str, endpoint: &str) -> Result<tonic::transport::Channel, String> {
     let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?
+        .map_err(|e| format!("{source}: {e}"))?
         .timeout(EXPORT_TIMEOUT)
         .connect_timeout(Duration::from_secs(5));
     if endpoint.starts_with("https:") {
@@ -145,7 +159,7 @@ fn grpc_channel(endpoint: &str) -> Result<tonic::transport::Channel, String> {
             .map(|der| tonic::transport::Certificate::from_pem(pem(der)));
         channel = channel
             .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificates(roots))
-            .map_err(|e| format!("telemetry.otlp_endpoint: TLS: {e}"))?;
+            .map_err(|e| format!("{source}: TLS: {e}"))?;
     }
     Ok(channel.connect_lazy())
 }

@@ -100,6 +100,8 @@ class Collector:
     def __init__(self):
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.raw: list[bytes] = []
+        # Each export's headers (HTTP) or metadata (gRPC), lower-case names.
+        self.headers: list[dict[str, str]] = []
         self._cond = threading.Condition()
 
     def received(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
@@ -148,6 +150,7 @@ class GrpcCollector(Collector):
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request, context):  # noqa: N802 (generated name)
+                collector.headers.append(dict(context.invocation_metadata()))
                 collector.received(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -176,6 +179,7 @@ class HttpCollector(Collector):
             def do_POST(self):  # noqa: N802 (http.server naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 collector.paths.append((self.path, self.headers.get("Content-Type", "")))
+                collector.headers.append({k.lower(): v for k, v in self.headers.items()})
                 collector.received(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
@@ -571,6 +575,93 @@ def test_otel_environment_variables_configure_export(pb, tmp_path, upstream):
     assert attrs(resource)["service.name"] == "from-the-environment"
 
 
+def test_the_traces_endpoint_variable_is_the_full_url_and_wins(pb, tmp_path, upstream):
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used as is, nothing appended; it and the traces
+    # protocol win over the generic variables (which would send gRPC to /generic).
+    collector = HttpCollector()
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, ""),
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector.endpoint}/custom/traces",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"{collector.endpoint}/generic",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        },
+    )
+    try:
+        trace_id = new_trace_id()
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "TracesEndpoint"),
+            metadata=[("traceparent", traceparent(trace_id))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans at the traces URL")
+    finally:
+        run.stop()
+        collector.stop()
+    assert {path for path, _ in collector.paths} == {"/custom/traces"}
+    assert {kind for _, kind in collector.paths} == {"application/x-protobuf"}
+
+
+def test_the_protocol_key_wins_over_protocol_variables_saying_grpc(pb, tmp_path, upstream):
+    # The exporter library reads these variables itself unless told the protocol: a key
+    # saying http/protobuf must not be turned into a refusal to build the exporter.
+    collector = HttpCollector()
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(
+            upstream.port,
+            f'otlp_endpoint = "{collector.endpoint}"\notlp_protocol = "http/protobuf"',
+        ),
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+    )
+    try:
+        trace_id = new_trace_id()
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, "KeyProtocol"),
+            metadata=[("traceparent", traceparent(trace_id))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over http")
+    finally:
+        run.stop()
+        collector.stop()
+    assert {path for path, _ in collector.paths} == {"/v1/traces"}
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"])
+def test_otlp_headers_reach_the_collector(pb, tmp_path, upstream, collector, variable):
+    # The README sends a collector's credentials in these variables: every export, over
+    # either protocol (gRPC through tokengate's own channel), must carry them.
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(
+            upstream.port,
+            f'otlp_endpoint = "{collector.endpoint}"\notlp_protocol = "{collector.protocol}"',
+        ),
+        {variable: "x-collector-tenant=tenant-7,x-collector-note=a%20b"},
+    )
+    try:
+        trace_id = new_trace_id()
+        run.stub.GetToken(
+            password_request(pb, RIGHT_PASSWORD, f"Headers{collector.port}"),
+            metadata=[("traceparent", traceparent(trace_id))],
+            timeout=RPC_TIMEOUT_S,
+        )
+        collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans")
+    finally:
+        run.stop()
+        collector.stop()
+    assert collector.headers, "no export seen"
+    for headers in collector.headers:
+        assert headers.get("x-collector-tenant") == "tenant-7", sorted(headers)
+        assert headers.get("x-collector-note") == "a b", sorted(headers)
+
+
 def every_call(pb, run: Running) -> int:
     """Calls across grants and client authentications, each carrying known secrets."""
     m = pb.msg
@@ -747,3 +838,35 @@ def test_check_config_shows_the_telemetry_in_force(tmp_path, upstream):
     assert 'otlp_endpoint = "http://collector:4318"' in done.stdout, done.stdout
     assert 'otlp_protocol = "http/protobuf"' in done.stdout, done.stdout
     assert 'service_name = "tg-env"' in done.stdout, done.stdout
+
+
+def test_check_config_shows_a_traces_url_under_its_own_name(tmp_path, upstream):
+    # As otlp_endpoint, the URL would mean <url>/v1/traces for http/protobuf.
+    config = tmp_path / "tokengate.toml"
+    config.write_text(config_text(upstream.port, ""))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
+    done = subprocess.run(
+        [str(binary()), "check-config", "--config", str(config)],
+        env={**clean, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/custom/traces",
+             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://generic:4318",
+             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'otlp_traces_endpoint = "http://collector:4318/custom/traces"' in done.stdout, done.stdout
+    assert "otlp_endpoint =" not in done.stdout, done.stdout
+    assert 'otlp_protocol = "http/protobuf"' in done.stdout, done.stdout
+
+    # A bad traces variable is refused, naming it.
+    done = subprocess.run(
+        [str(binary()), "check-config", "--config", str(config)],
+        env={**clean, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318/v1/traces",
+             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://generic:4318"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 64, (done.returncode, done.stdout, done.stderr)
+    assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in done.stderr, done.stderr
