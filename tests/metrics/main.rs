@@ -53,6 +53,8 @@ fn config_for(upstream: &str, metrics: bool, more: &str) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
+# Served only with TLS; port 0, so tests that run at once never race for the default 50052.
+health_listen = "127.0.0.1:0"
 {metrics_listen}
 shutdown_grace_period = "2s"
 
