@@ -35,7 +35,8 @@ pub struct Config {
 
 /// `[telemetry]`: OTLP trace export. A key left out falls back to the standard variables, as
 /// every OpenTelemetry SDK does: the traces one (`OTEL_EXPORTER_OTLP_TRACES_*`) first, then the
-/// generic one (`OTEL_EXPORTER_OTLP_*`), and `OTEL_SERVICE_NAME`.
+/// generic one (`OTEL_EXPORTER_OTLP_*`), and `OTEL_SERVICE_NAME`. The collector's extra trust
+/// roots come from those variables alone (`OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE`).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -48,6 +49,11 @@ pub struct TelemetryConfig {
     /// its own name, since as `otlp_endpoint` it would mean another URL for http/protobuf.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub otlp_traces_endpoint: Option<String>,
+    /// Not a key: set only from `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`, else
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`: a PEM bundle trusted for an https collector beside
+    /// webpki's roots (a private CA). Checked at load; check-config prints the path.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub otlp_certificate: Option<PathBuf>,
     /// Absent until loaded: then the key, `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`,
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` or gRPC.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +70,7 @@ impl Default for TelemetryConfig {
         Self {
             otlp_endpoint: None,
             otlp_traces_endpoint: None,
+            otlp_certificate: None,
             otlp_protocol: None,
             service_name: None,
             sample_ratio: 1.0,
@@ -117,6 +124,14 @@ impl TelemetryConfig {
                 check_endpoint(&base).map_err(|e| invalid(name, e))?;
                 self.otlp_endpoint = Some(base);
             }
+        }
+        // No key to win over: the variables alone say it, the traces one first.
+        if let Some((name, path)) = set("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| set("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+        {
+            let path = PathBuf::from(path);
+            load_ca_file(&path).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+            self.otlp_certificate = Some(path);
         }
         if self.otlp_protocol.is_none() {
             let chosen = set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -1448,6 +1463,104 @@ mod tests {
             config.telemetry.otlp_endpoint.as_deref(),
             Some("http://key:4317")
         );
+    }
+
+    /// A throwaway CA certificate as PEM.
+    fn ca_pem() -> String {
+        rcgen::generate_simple_self_signed(vec!["collector.test".into()])
+            .unwrap()
+            .cert
+            .pem()
+    }
+
+    #[test]
+    fn the_collector_ca_comes_from_the_traces_variable_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let generic = dir.path().join("generic.pem");
+        let traces = dir.path().join("traces.pem");
+        std::fs::write(&generic, ca_pem()).unwrap();
+        std::fs::write(&traces, ca_pem()).unwrap();
+        let (generic, traces) = (generic.to_str().unwrap(), traces.to_str().unwrap());
+
+        let config = with_env("", &[]).unwrap();
+        assert_eq!(
+            config.telemetry.otlp_certificate, None,
+            "webpki's roots alone"
+        );
+        let config = with_env("", &[("OTEL_EXPORTER_OTLP_CERTIFICATE", generic)]).unwrap();
+        assert_eq!(config.telemetry.otlp_certificate, Some(generic.into()));
+        let both = [
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", generic),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", traces),
+        ];
+        let config = with_env("", &both).unwrap();
+        assert_eq!(config.telemetry.otlp_certificate, Some(traces.into()));
+        // Read beside an endpoint key, which has no certificate key of its own.
+        let config = with_env("[telemetry]\notlp_endpoint = \"https://key:4317\"", &both).unwrap();
+        assert_eq!(config.telemetry.otlp_certificate, Some(traces.into()));
+        // A blank traces variable is as good as unset.
+        let config = with_env(
+            "",
+            &[both[0], ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", " ")],
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.otlp_certificate, Some(generic.into()));
+
+        // check-config prints the path, never the certificates; it is no key to set.
+        let shown = config.to_redacted_toml();
+        assert!(
+            shown.contains(&format!("otlp_certificate = \"{generic}\"")),
+            "{shown}"
+        );
+        assert!(!shown.contains("BEGIN CERTIFICATE"), "{shown}");
+        rejects(
+            &format!("[telemetry]\notlp_certificate = \"{generic}\""),
+            "otlp_certificate",
+        );
+    }
+
+    #[test]
+    fn a_bad_collector_ca_is_refused_naming_its_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let good = dir.path().join("good.pem");
+        std::fs::write(&good, ca_pem()).unwrap();
+        let missing = dir.path().join("missing.pem");
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+
+        for (file, why) in [
+            (path(&missing), "cannot read"),
+            (path(dir.path()), "cannot read"),
+            (path(&not_pem), "no PEM certificate"),
+            (path(&empty), "no PEM certificate"),
+        ] {
+            for variable in [
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            ] {
+                let error = with_env("", &[(variable, &file)])
+                    .expect_err(&file)
+                    .to_string();
+                assert!(
+                    error.contains(&format!("{variable}: ")) && error.contains(why),
+                    "{error:?} should name {variable} and say {why}"
+                );
+                assert!(error.contains(&file), "{error:?} should name {file}");
+            }
+        }
+        // The traces variable is the one read: a bad generic one beside it is not.
+        let config = with_env(
+            "",
+            &[
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", &path(&missing)),
+                ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", &path(&good)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.otlp_certificate, Some(good));
     }
 
     fn key(name: &str) -> String {

@@ -6,6 +6,7 @@
 //! (the sampler records nothing); with text logs and no collector the layer is left out,
 //! since it would cost a forwarded call some 8 % for ids nobody reads.
 
+use std::path::Path;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::{OtlpProtocol, TelemetryConfig};
+use crate::config::{OtlpProtocol, TelemetryConfig, load_ca_file};
 
 /// How long one export may take, retries included.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,6 +64,8 @@ impl Traces {
             (None, Some(base)) => ("telemetry.otlp_endpoint", base.clone()),
             (None, None) => return Ok(Self::off()),
         };
+        // A private CA's PEM bundle (load checked it), trusted beside webpki's roots.
+        let ca_file = config.otlp_certificate.as_deref();
         // The URL and the protocol are given here, or the HTTP builder would read
         // `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` itself and refuse to build when a variable
         // that a key overrides says grpc. Both builders still read
@@ -71,14 +74,14 @@ impl Traces {
         let exporter = match config.protocol() {
             OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
-                .with_channel(grpc_channel(source, &url)?)
+                .with_channel(grpc_channel(source, &url, ca_file)?)
                 .with_timeout(EXPORT_TIMEOUT)
                 .build(),
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_endpoint(url)
-                .with_http_client(http_client()?)
+                .with_http_client(http_client(ca_file)?)
                 .with_timeout(EXPORT_TIMEOUT)
                 .build(),
         }
@@ -147,16 +150,28 @@ impl Traces {
 }
 
 /// A gRPC channel to the collector, trusting webpki's roots for https (as the upstream
-/// client does), so no second TLS stack and no system store are needed.
-fn grpc_channel(source: &str, endpoint: &str) -> Result<tonic::transport::Channel, String> {
+/// client does), so no second TLS stack and no system store are needed, and `ca_file`'s
+/// certificates beside them.
+fn grpc_channel(
+    source: &str,
+    endpoint: &str,
+    ca_file: Option<&Path>,
+) -> Result<tonic::transport::Channel, String> {
     let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| format!("{source}: {e}"))?
         .timeout(EXPORT_TIMEOUT)
         .connect_timeout(Duration::from_secs(5));
     if endpoint.starts_with("https:") {
-        let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        let mut roots: Vec<_> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
             .iter()
-            .map(|der| tonic::transport::Certificate::from_pem(pem(der)));
+            .map(|der| tonic::transport::Certificate::from_pem(pem(der)))
+            .collect();
+        if let Some(path) = ca_file {
+            // tonic reads every certificate of the bundle.
+            let bundle = std::fs::read(path)
+                .map_err(|e| format!("telemetry: cannot read {}: {e}", path.display()))?;
+            roots.push(tonic::transport::Certificate::from_pem(bundle));
+        }
         channel = channel
             .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificates(roots))
             .map_err(|e| format!("{source}: TLS: {e}"))?;
@@ -183,13 +198,18 @@ fn http_traces_url(endpoint: &str) -> String {
 }
 
 /// The blocking client the batch exporter's thread uses (it has no tokio reactor), with
-/// webpki's roots. Built on a thread of its own: reqwest's blocking client may not be built
-/// inside the runtime.
-fn http_client() -> Result<reqwest::blocking::Client, String> {
+/// webpki's roots and `ca_file`'s certificates. Built on a thread of its own: reqwest's
+/// blocking client may not be built inside the runtime.
+fn http_client(ca_file: Option<&Path>) -> Result<reqwest::blocking::Client, String> {
+    let extra = match ca_file {
+        Some(path) => load_ca_file(path).map_err(|e| format!("telemetry: {e}"))?,
+        None => Vec::new(),
+    };
     std::thread::spawn(|| {
         let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS
             .iter()
-            .filter_map(|der| reqwest::Certificate::from_der(der).ok());
+            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+            .chain(extra);
         reqwest::blocking::Client::builder()
             .tls_certs_only(roots)
             .timeout(EXPORT_TIMEOUT)

@@ -6,7 +6,8 @@ TraceService stubs (OTLP/gRPC), and an http.server that decodes the same protobu
 `traceparent`; the tests check that tokengate continues that trace, that the upstream POST
 is a child span with its method, status and RingCentral request id, that an unsampled
 caller exports nothing, that no secret reaches any exported byte, and that an unreachable
-collector neither blocks calls nor floods the logs.
+collector neither blocks calls nor floods the logs. Over TLS (a throwaway CA made here), an
+https collector is trusted through OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE and not without it.
 
 Nothing sleeps: every wait is on a condition with a deadline.
 """
@@ -14,18 +15,26 @@ Nothing sleeps: every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
 import urllib.parse
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
     trace_service_pb2_grpc,
@@ -91,6 +100,71 @@ def new_trace_id() -> str:
     return os.urandom(16).hex()
 
 
+# --------------------------------------------------------------------------- private CA
+
+
+class Pki:
+    """A throwaway CA and the certificate it signed for 127.0.0.1 (an IP SAN), as PEM files
+    in `directory`: ca.pem (what tokengate is told to trust), server.pem and server.key."""
+
+    def __init__(self, directory: Path, name: str):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        valid_from, valid_to = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from)
+            .not_valid_after(valid_to)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from)
+            .not_valid_after(valid_to)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        self.ca_path = directory / "ca.pem"
+        self.cert_path = directory / "server.pem"
+        self.key_path = directory / "server.key"
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.cert_path.write_bytes(self.cert_pem)
+        self.key_path.write_bytes(self.key_pem)
+
+
 # --------------------------------------------------------------------------- collectors
 
 
@@ -142,9 +216,9 @@ class Collector:
 
 
 class GrpcCollector(Collector):
-    """OTLP/gRPC: TraceService/Export."""
+    """OTLP/gRPC: TraceService/Export; over TLS with `tls`'s server certificate."""
 
-    def __init__(self):
+    def __init__(self, tls: Pki | None = None):
         super().__init__()
         collector = self
 
@@ -156,8 +230,13 @@ class GrpcCollector(Collector):
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+        else:
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+            self.endpoint = f"https://127.0.0.1:{self.port}"
         self.protocol = "grpc"
         self.server.start()
 
@@ -166,9 +245,10 @@ class GrpcCollector(Collector):
 
 
 class HttpCollector(Collector):
-    """OTLP/http with protobuf bodies: POST /v1/traces."""
+    """OTLP/http with protobuf bodies: POST /v1/traces; over TLS with `tls`'s server
+    certificate."""
 
-    def __init__(self):
+    def __init__(self, tls: Pki | None = None):
         super().__init__()
         collector = self
         self.paths: list[tuple[str, str]] = []
@@ -196,6 +276,13 @@ class HttpCollector(Collector):
         self.port = self.server.server_address[1]
         # The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT gives it; tokengate adds /v1/traces.
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        if tls is not None:
+            # Handshakes run in accept(); one the client refuses is an OSError that
+            # serve_forever drops, as a collector would.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.cert_path, tls.key_path)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.endpoint = f"https://127.0.0.1:{self.port}"
         self.protocol = "http/protobuf"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -378,6 +465,18 @@ class Running:
 @pytest.fixture(params=["grpc", "http/protobuf"])
 def collector(request):
     c = GrpcCollector() if request.param == "grpc" else HttpCollector()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"), "collector")
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def tls_collector(request, pki):
+    c = GrpcCollector(tls=pki) if request.param == "grpc" else HttpCollector(tls=pki)
     yield c
     c.stop()
 
@@ -662,6 +761,78 @@ def test_otlp_headers_reach_the_collector(pb, tmp_path, upstream, collector, var
         assert headers.get("x-collector-note") == "a b", sorted(headers)
 
 
+def export_one_trace(pb, run: Running, scope: str) -> str:
+    """One sampled call; returns its trace id."""
+    trace_id = new_trace_id()
+    response = run.stub.GetToken(
+        password_request(pb, RIGHT_PASSWORD, scope),
+        metadata=[("traceparent", traceparent(trace_id))],
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert response.access_token == ACCESS_TOKEN
+    return trace_id
+
+
+def https_telemetry(collector) -> str:
+    assert collector.endpoint.startswith("https://"), collector.endpoint
+    return f'otlp_endpoint = "{collector.endpoint}"\notlp_protocol = "{collector.protocol}"'
+
+
+def test_a_collector_behind_a_private_ca_is_trusted_through_its_certificate(
+    pb, tmp_path, upstream, tls_collector, pki
+):
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, https_telemetry(tls_collector)),
+        {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca_path)},
+    )
+    try:
+        trace_id = export_one_trace(pb, run, f"PrivateCa{tls_collector.port}")
+        tls_collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over TLS")
+    finally:
+        run.stop()
+
+
+def test_without_its_certificate_a_private_ca_collector_is_not_trusted(
+    pb, tmp_path, upstream, tls_collector
+):
+    # webpki's roots alone: the handshake fails, so certificates are verified.
+    run = Running(pb, tmp_path, config_text(upstream.port, https_telemetry(tls_collector)))
+    try:
+        export_one_trace(pb, run, f"Untrusted{tls_collector.port}")
+        run.tg.wait_for_event(
+            lambda e: "cannot export spans" in e.get("fields", {}).get("message", ""),
+            EXPORT_DEADLINE_S,
+            "the export failure",
+        )
+    finally:
+        run.stop()
+    assert tls_collector.spans() == [], "an untrusted collector received spans"
+
+
+def test_the_traces_certificate_variable_wins_over_the_generic_one(pb, tmp_path, upstream, pki):
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    wrong = Pki(other, "another")
+    collector = GrpcCollector(tls=pki)
+    run = Running(
+        pb,
+        tmp_path,
+        config_text(upstream.port, https_telemetry(collector)),
+        {
+            "OTEL_EXPORTER_OTLP_CERTIFICATE": str(wrong.ca_path),
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(pki.ca_path),
+        },
+    )
+    try:
+        trace_id = export_one_trace(pb, run, "TracesCa")
+        collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over TLS")
+    finally:
+        run.stop()
+        collector.stop()
+
+
 def every_call(pb, run: Running) -> int:
     """Calls across grants and client authentications, each carrying known secrets."""
     m = pb.msg
@@ -870,3 +1041,35 @@ def test_check_config_shows_a_traces_url_under_its_own_name(tmp_path, upstream):
     )
     assert done.returncode == 64, (done.returncode, done.stdout, done.stderr)
     assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in done.stderr, done.stderr
+
+
+def test_check_config_shows_the_collector_ca_path_and_refuses_a_bad_one(tmp_path, upstream, pki):
+    config = tmp_path / "tokengate.toml"
+    config.write_text(config_text(upstream.port, 'otlp_endpoint = "https://collector:4317"'))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
+
+    def check_config(env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(binary()), "check-config", "--config", str(config)],
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    done = check_config({"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca_path)})
+    assert done.returncode == 0, done.stderr
+    assert f'otlp_certificate = "{pki.ca_path}"' in done.stdout, done.stdout
+    assert "BEGIN CERTIFICATE" not in done.stdout, done.stdout
+
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    for variable in ("OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"):
+        for bad in (tmp_path / "missing.pem", not_pem, empty):
+            done = check_config({variable: str(bad)})
+            assert done.returncode == 64, (variable, bad, done.returncode, done.stdout, done.stderr)
+            assert f"{variable}: " in done.stderr, done.stderr
+            assert str(bad) in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
