@@ -119,7 +119,7 @@ struct Collect<'a>(&'a mut Map<String, Value>);
 impl Collect<'_> {
     fn put(&mut self, field: &Field, value: Value) {
         let name = field.name();
-        if name.starts_with("otel.") || name.starts_with("log.") {
+        if super::not_for_log_lines(name) {
             return;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);

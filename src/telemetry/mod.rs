@@ -123,6 +123,12 @@ fn install(format: LogFormat, traces: Traces) -> Telemetry {
     Telemetry { traces, log }
 }
 
+/// Fields that log lines leave out: `otel.*` only name and classify the exported span, and
+/// `log.*` are the `log` crate's bridge metadata (as tracing-subscriber's own formatters do).
+fn not_for_log_lines(field: &str) -> bool {
+    field.starts_with("otel.") || field.starts_with("log.")
+}
+
 /// Stdout without `std`'s line buffering: the log thread flushes whenever it has caught up,
 /// so a quiet server's lines appear at once and a busy one's go out many to a `write`.
 fn batched_stdout() -> Box<dyn Write + Send> {

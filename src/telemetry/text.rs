@@ -58,7 +58,7 @@ impl Visit for Pairs<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let name = field.name();
-        if self.result.is_err() || name.starts_with("otel.") || name.starts_with("log.") {
+        if self.result.is_err() || super::not_for_log_lines(name) {
             return;
         }
         let separator = if self.first { "" } else { " " };

@@ -660,12 +660,7 @@ def test_otel_environment_variables_configure_export(pb, tmp_path, upstream):
         },
     )
     try:
-        trace_id = new_trace_id()
-        run.stub.GetToken(
-            password_request(pb, RIGHT_PASSWORD, "FromEnv"),
-            metadata=[("traceparent", traceparent(trace_id))],
-            timeout=RPC_TIMEOUT_S,
-        )
+        trace_id = export_one_trace(pb, run, "FromEnv")
         spans = collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over http")
     finally:
         run.stop()
@@ -690,12 +685,7 @@ def test_the_traces_endpoint_variable_is_the_full_url_and_wins(pb, tmp_path, ups
         },
     )
     try:
-        trace_id = new_trace_id()
-        run.stub.GetToken(
-            password_request(pb, RIGHT_PASSWORD, "TracesEndpoint"),
-            metadata=[("traceparent", traceparent(trace_id))],
-            timeout=RPC_TIMEOUT_S,
-        )
+        trace_id = export_one_trace(pb, run, "TracesEndpoint")
         collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans at the traces URL")
     finally:
         run.stop()
@@ -718,12 +708,7 @@ def test_the_protocol_key_wins_over_protocol_variables_saying_grpc(pb, tmp_path,
         {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
     )
     try:
-        trace_id = new_trace_id()
-        run.stub.GetToken(
-            password_request(pb, RIGHT_PASSWORD, "KeyProtocol"),
-            metadata=[("traceparent", traceparent(trace_id))],
-            timeout=RPC_TIMEOUT_S,
-        )
+        trace_id = export_one_trace(pb, run, "KeyProtocol")
         collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans over http")
     finally:
         run.stop()
@@ -745,12 +730,7 @@ def test_otlp_headers_reach_the_collector(pb, tmp_path, upstream, collector, var
         {variable: "x-collector-tenant=tenant-7,x-collector-note=a%20b"},
     )
     try:
-        trace_id = new_trace_id()
-        run.stub.GetToken(
-            password_request(pb, RIGHT_PASSWORD, f"Headers{collector.port}"),
-            metadata=[("traceparent", traceparent(trace_id))],
-            timeout=RPC_TIMEOUT_S,
-        )
+        trace_id = export_one_trace(pb, run, f"Headers{collector.port}")
         collector.wait_for(lambda s: len(of_trace(s, trace_id)) >= 2, "spans")
     finally:
         run.stop()
