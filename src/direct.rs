@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use crate::admission::{Admission, Refusal};
 use crate::broker::Fetch;
-use crate::broker::guard::{GuardKeys, RateLimitGuard, RequestPenalty};
-use crate::broker::keys::Keys;
+use crate::rate_limit::{GuardKeys, RateLimitGuard, RequestPenalty};
+use crate::keys::Keys;
 use crate::client::Clients;
 use crate::error::Failure;
 use crate::grant::{FormField, RevokeRequest, TokenRequest};

@@ -14,8 +14,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admission::Admission;
-use crate::broker::guard::RateLimitGuard;
-use crate::broker::keys::Keys;
+use crate::rate_limit::RateLimitGuard;
+use crate::keys::Keys;
 use crate::broker::redis::RedisStore;
 use crate::broker::{Broker, Parts, SystemClock};
 use crate::caller::Callers;

@@ -1,5 +1,5 @@
 //! What the broker keeps for one identity: a settled result and how long it may answer.
-//! The stored form is JSON, sealed by [`super::keys::Keys`] before it leaves the process.
+//! The stored form is JSON, sealed by [`crate::keys::Keys`] before it leaves the process.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -4,7 +4,7 @@
 
 use secrecy::ExposeSecret as _;
 
-use super::keys::{Digest, Keys};
+use crate::keys::{Digest, Keys};
 use crate::grant::TokenRequest;
 
 /// The identity of `request` for `client_id` (the client it resolved to, the default client

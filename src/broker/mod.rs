@@ -3,8 +3,8 @@
 //! flight, replay a recent result, or go upstream, and keeps what it learns.
 //!
 //! - [`policy`]: the pure rules per grant; [`identity`]: which requests are identical.
-//! - [`entry`]: what is kept; [`keys`]: HMAC identities and AES-256-GCM values.
-//! - [`guard`]: the upstream's 429 penalties; [`redis`]: the state a fleet shares.
+//! - [`entry`]: what is kept; [`redis`]: the state a fleet shares. HMAC identities and
+//!   sealing are [`crate::keys`]'s, the upstream's 429 penalties [`crate::rate_limit`]'s.
 //!
 //! The broker owns a local layer (moka, bounded by `max_entries`) and single-flight per
 //! identity. With Redis behind it, a fleet-wide lease makes one replica call while the
@@ -12,9 +12,7 @@
 //! replay of one-time grants are what keep a credential from being spent twice.
 
 pub mod entry;
-pub mod guard;
 pub mod identity;
-pub mod keys;
 pub mod policy;
 pub mod redis;
 
@@ -29,8 +27,8 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use self::entry::{Entry, Settled, served_from_cache};
-use self::guard::RateLimitGuard;
-use self::keys::{Digest, Keys, Purpose};
+use crate::rate_limit::{self as guard, RateLimitGuard};
+use crate::keys::{Digest, Keys, Purpose};
 use self::policy::{Freshness, Keep, OAuthKind, Outcome, Policy, Treatment, freshness};
 use self::redis::{Notice, RedisStore};
 use crate::config::CacheConfig;

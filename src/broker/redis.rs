@@ -31,7 +31,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use super::keys::{Digest, Keys, Purpose};
+use crate::keys::{Digest, Keys, Purpose};
 use crate::config::RedisConfig;
 
 /// Something another replica told the fleet, received over pub/sub.

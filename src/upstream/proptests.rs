@@ -801,9 +801,9 @@ fn a_huge_retry_after_in_the_refresh_window_is_not_waited_for() {
 #[test]
 fn the_guard_can_record_any_retry_after() {
     let wait = parse_retry_after(&HeaderValue::from_static("10000000000000000000")).unwrap();
-    let guard = crate::broker::guard::RateLimitGuard::new(None);
-    let keys = crate::broker::keys::Keys::new(None);
-    let key = crate::broker::guard::GuardKeys::new(&keys, "my-app", None);
+    let guard = crate::rate_limit::RateLimitGuard::new(None);
+    let keys = crate::keys::Keys::new(None);
+    let key = crate::rate_limit::GuardKeys::new(&keys, "my-app", None);
     guard.penalise(&key, wait);
     assert!(guard.remaining(&key).is_some());
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::SecretString;
 use testkit::{RedisCluster, RedisServer, Reply};
-use tokengate::broker::keys::{Digest, Keys, Purpose};
+use tokengate::keys::{Digest, Keys, Purpose};
 use tokengate::broker::redis::{Down, Notice, RedisStore};
 use tokengate::config::{CacheKey, RedisConfig};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
-use super::keys::{Digest, Keys};
+use crate::keys::{Digest, Keys};
 use crate::upstream::MAX_RETRY_AFTER;
 
 /// A penalty to tell the fleet about: whom, and until when (wall clock, shared by replicas).
