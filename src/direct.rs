@@ -6,13 +6,13 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Refusal};
-use crate::broker::Fetch;
-use crate::rate_limit::{GuardKeys, RateLimitGuard, RequestPenalty};
-use crate::keys::Keys;
+use crate::broker::{Call, Fetch};
 use crate::client::Clients;
 use crate::error::Failure;
 use crate::grant::{FormField, RevokeRequest, TokenRequest};
+use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::rate_limit::{GuardKeys, RateLimitGuard, RequestPenalty};
 use crate::upstream::{Outgoing, Replay, Token, Upstream, UpstreamErrorKind};
 
 /// How long after a refresh RingCentral answers the same refresh token identically, so a
@@ -39,6 +39,7 @@ struct Request<'a> {
     user: Option<String>,
     fields: Vec<FormField<'a>>,
     replay: Replay,
+    lease: Option<&'a dyn crate::upstream::Precondition>,
 }
 
 /// Which endpoint a request goes to, and so what it answers.
@@ -101,6 +102,7 @@ impl Direct {
             basic: auth.basic(),
             replay: request.replay,
             penalty: Some(&penalty),
+            lease: request.lease,
         };
         let result = match endpoint {
             Endpoint::Token => self.upstream.token(&outgoing, deadline).await.map(Some),
@@ -135,6 +137,7 @@ impl Direct {
             user: None,
             fields: request.form_fields(),
             replay: Replay::Always,
+            lease: None,
         };
         self.send(request, Endpoint::Revoke, deadline)
             .await
@@ -143,11 +146,7 @@ impl Direct {
 }
 
 impl Fetch for Direct {
-    async fn fetch(
-        &self,
-        request: &TokenRequest,
-        deadline: Option<Instant>,
-    ) -> Result<Token, Failure> {
+    async fn fetch(&self, request: &TokenRequest, call: Call<'_>) -> Result<Token, Failure> {
         use crate::grant::GrantKind;
         let kind = request.grant.kind();
         let replay = match kind {
@@ -159,11 +158,12 @@ impl Fetch for Direct {
             client_id: request.client_id.as_deref(),
             assertion: request.client_assertion.as_ref(),
             grant: Some(kind),
-            user: request.user(),
+            user: call.user.map(str::to_owned).or_else(|| request.user()),
             fields: request.form_fields(),
             replay,
+            lease: call.lease,
         };
-        let token = self.send(sent, Endpoint::Token, deadline).await?;
+        let token = self.send(sent, Endpoint::Token, call.deadline).await?;
         Ok(token.expect("the token endpoint answers a token or an error"))
     }
 }
@@ -218,7 +218,7 @@ mod tests {
             refresh_token_ttl: None,
             rejected_access_token: None,
         };
-        let refused = direct.fetch(&request, None).await.unwrap_err();
+        let refused = direct.fetch(&request, Call::default()).await.unwrap_err();
         assert!(matches!(refused, Failure::Overloaded), "{refused:?}");
         assert_eq!(
             signer.signed.load(Ordering::Relaxed),

@@ -126,6 +126,8 @@ fn classify_upstream(
             "UPSTREAM_RATE_LIMITED",
             Some(*wait),
         ),
+        // The broker starts over on it; should one ever surface, nothing was sent.
+        UpstreamErrorKind::LeaseLost => (Code::Unavailable, "UPSTREAM_UNAVAILABLE", None),
     }
 }
 
@@ -248,6 +250,9 @@ fn upstream_message(error: &UpstreamError) -> String {
             "not sent: the upstream rate-limited this client; retry in {} s",
             wait.as_secs_f64().ceil()
         ),
+        UpstreamErrorKind::LeaseLost => {
+            "not sent: another replica took over this request; retry".to_owned()
+        }
     }
 }
 

@@ -18,6 +18,19 @@ use crate::upstream::MAX_RETRY_AFTER;
 /// A penalty to tell the fleet about: whom, and until when (wall clock, shared by replicas).
 pub type Shared = (Digest, SystemTime);
 
+/// A boxed future, so the shared store can sit behind `dyn`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a fleet's penalties live (Redis). Both calls are bounded by the store's own timeout
+/// and never fail: a store that does not answer reads as no penalty and drops the write (the
+/// replica then holds back on its own knowledge alone).
+pub trait SharedPenalties: Send + Sync + 'static {
+    /// The latest end among the penalties stored for any of `keys`, if one is in force.
+    fn read<'a>(&'a self, keys: &'a [Digest]) -> BoxFuture<'a, Option<SystemTime>>;
+    /// Stores a penalty for `key` until `until` and tells every replica.
+    fn write(&self, key: Digest, until: SystemTime) -> BoxFuture<'_, ()>;
+}
+
 /// Penalties in force, each with the instant it ends.
 #[derive(Debug)]
 pub struct RateLimitGuard {

@@ -48,6 +48,9 @@ pub struct Outgoing<'a> {
     /// The rate-limit penalty that applies to this request: checked just before every
     /// attempt, and told of every 429 at once.
     pub penalty: Option<&'a dyn Penalty>,
+    /// What must still hold for another attempt to go out (a fleet lease): checked just
+    /// before every attempt.
+    pub lease: Option<&'a dyn Precondition>,
 }
 
 impl std::fmt::Debug for Outgoing<'_> {
@@ -66,6 +69,12 @@ pub trait Penalty: Sync {
     fn remaining(&self) -> Option<Duration>;
     /// The upstream answered 429: nothing more is sent for `wait`.
     fn penalise(&self, wait: Duration);
+}
+
+/// A condition that must still hold when an attempt is sent: a fleet lease, by its holder's
+/// own clock. A lease that ran out means another replica may be sending the same credential.
+pub trait Precondition: Sync {
+    fn holds(&self) -> bool;
 }
 
 /// When a request may be sent again. Whatever this says, a request is never re-sent after
@@ -239,6 +248,9 @@ pub enum UpstreamErrorKind {
     DeadlineExceeded,
     /// Not sent: a 429 penalty for this client (or user) is in force for this long yet.
     Held(Duration),
+    /// Not sent: the fleet lease this call was made under ran out, so another replica may
+    /// be sending the same request. The broker starts over; no caller is answered with it.
+    LeaseLost,
 }
 
 impl UpstreamError {
@@ -373,6 +385,12 @@ impl Upstream {
         // Why this attempt is a retry; counted only once it is really sent.
         let mut retry: Option<RetryCause> = None;
         loop {
+            if request.lease.is_some_and(|lease| !lease.holds()) {
+                return Err(UpstreamError {
+                    not_sent: true,
+                    ..UpstreamError::new(UpstreamErrorKind::LeaseLost)
+                });
+            }
             if let Some(wait) = request.penalty.and_then(Penalty::remaining) {
                 return Err(UpstreamError {
                     not_sent: true,
@@ -815,6 +833,7 @@ mod tests {
         let secret = SecretString::from("pa55-word");
         let request = Outgoing {
             penalty: None,
+            lease: None,
             fields: vec![FormField::secret("password", &secret)],
             basic: None,
             replay: Replay::Always,
@@ -832,6 +851,7 @@ mod tests {
     fn numeric_strings_are_accepted_as_seconds() {
         let request = Outgoing {
             penalty: None,
+            lease: None,
             fields: vec![],
             basic: None,
             replay: Replay::Always,

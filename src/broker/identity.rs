@@ -4,8 +4,8 @@
 
 use secrecy::ExposeSecret as _;
 
-use crate::keys::{Digest, Keys};
 use crate::grant::TokenRequest;
+use crate::keys::{Digest, Keys};
 
 /// The identity of `request` for `client_id` (the client it resolved to, the default client
 /// included) at `token_url`. Scopes are sorted: their order does not change the grant.

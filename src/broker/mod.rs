@@ -27,15 +27,15 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use self::entry::{Entry, Settled, served_from_cache};
-use crate::rate_limit::{self as guard, RateLimitGuard};
-use crate::keys::{Digest, Keys, Purpose};
 use self::policy::{Freshness, Keep, OAuthKind, Outcome, Policy, Treatment, freshness};
 use self::redis::{Notice, RedisStore};
 use crate::config::CacheConfig;
 use crate::error::Failure;
 use crate::grant::{Grant, TokenRequest};
+use crate::keys::{Digest, Keys, Purpose};
 use crate::metrics::{Lookup, Metrics};
-use crate::upstream::{Token, UpstreamErrorKind};
+use crate::rate_limit::{self as guard, RateLimitGuard};
+use crate::upstream::{Precondition, Token, UpstreamErrorKind};
 
 /// How often a replica that waits for another replica's call looks for its result.
 const FLEET_POLL: Duration = Duration::from_millis(20);
@@ -49,8 +49,20 @@ pub trait Fetch: Send + Sync + 'static {
     fn fetch(
         &self,
         request: &TokenRequest,
-        deadline: Option<Instant>,
+        call: Call<'_>,
     ) -> impl Future<Output = Result<Token, Failure>> + Send;
+}
+
+/// What bounds one upstream call besides the request itself.
+#[derive(Clone, Copy, Default)]
+pub struct Call<'a> {
+    /// The latest the call may end (a caller's deadline); `None`: `request_timeout` alone.
+    pub deadline: Option<Instant>,
+    /// The fleet lease the call is made under: no attempt is sent once it has run out.
+    pub lease: Option<&'a dyn Precondition>,
+    /// The user a 429 penalises when the request itself does not name one (a renewal
+    /// with a kept refresh token is for the user of the grant that got it).
+    pub user: Option<&'a str>,
 }
 
 /// Wall-clock time, a seam so tests can drive expiry and renewal.
@@ -287,7 +299,16 @@ impl<F: Fetch> Broker<F> {
         let grant = ask.request.grant.kind();
         let treatment = inner.policy.treatment(grant, ask.caches);
         if treatment == Treatment::PassThrough {
-            let token = inner.fetch.fetch(&ask.request, ask.deadline).await?;
+            let token = inner
+                .fetch
+                .fetch(
+                    &ask.request,
+                    Call {
+                        deadline: ask.deadline,
+                        ..Call::default()
+                    },
+                )
+                .await?;
             return Ok((token, Source::Upstream));
         }
         let mut lookup = Lookup::Miss;
@@ -746,7 +767,17 @@ impl<F: Fetch> Inner<F> {
                 refresh_token_ttl: request.refresh_token_ttl,
                 rejected_access_token: None,
             };
-            match self.fetch.fetch(&refresh, deadline).await {
+            match self
+                .fetch
+                .fetch(
+                    &refresh,
+                    Call {
+                        deadline,
+                        ..Call::default()
+                    },
+                )
+                .await
+            {
                 Ok(token) => return Ok(token),
                 Err(failure) => tracing::info!(
                     reason = crate::error::reason(&failure),
@@ -754,7 +785,15 @@ impl<F: Fetch> Inner<F> {
                 ),
             }
         }
-        self.fetch.fetch(request, deadline).await
+        self.fetch
+            .fetch(
+                request,
+                Call {
+                    deadline,
+                    ..Call::default()
+                },
+            )
+            .await
     }
 
     /// Keeps a result here and, version-checked, in Redis; tells the fleet when it replaced

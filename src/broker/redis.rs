@@ -31,8 +31,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use crate::keys::{Digest, Keys, Purpose};
 use crate::config::RedisConfig;
+use crate::keys::{Digest, Keys, Purpose};
 
 /// Something another replica told the fleet, received over pub/sub.
 #[derive(Clone, Debug, PartialEq, Eq)]

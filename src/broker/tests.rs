@@ -49,11 +49,7 @@ impl Fake {
 }
 
 impl Fetch for Arc<Fake> {
-    async fn fetch(
-        &self,
-        request: &TokenRequest,
-        _deadline: Option<Instant>,
-    ) -> Result<Token, Failure> {
+    async fn fetch(&self, request: &TokenRequest, _call: Call<'_>) -> Result<Token, Failure> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         self.grants.lock().unwrap().push(request.grant.kind());
         let _pass = self.gate.acquire().await.expect("the gate stays open");

@@ -72,6 +72,7 @@ fn auth_fields(auth: &ClientAuth<'_>) -> (String, Pairs) {
     auth.push_fields(&mut fields);
     let raw = Outgoing {
         penalty: None,
+        lease: None,
         fields,
         basic: auth.basic(),
         replay: crate::upstream::Replay::Always,
@@ -516,6 +517,7 @@ fn send(clients: &Clients, request: proto::GetTokenRequest) -> Sent {
     auth.push_fields(&mut fields);
     let outgoing = Outgoing {
         penalty: None,
+        lease: None,
         fields,
         basic: auth.basic(),
         replay: crate::upstream::Replay::Always,
@@ -792,6 +794,7 @@ fn full_revoke_bodies() {
         auth.push_fields(&mut fields);
         let outgoing = Outgoing {
             penalty: None,
+            lease: None,
             fields,
             basic: auth.basic(),
             replay: crate::upstream::Replay::Always,

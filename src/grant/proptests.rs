@@ -482,6 +482,7 @@ fn round_trip(fields: Vec<FormField<'_>>) -> (Pairs, Pairs) {
         .collect();
     let body = Outgoing {
         penalty: None,
+        lease: None,
         fields,
         basic: None,
         replay: Replay::Always,

@@ -29,6 +29,7 @@ fn pairs(expected: &[(&str, &str)]) -> Pairs {
 fn body(fields: Vec<FormField<'_>>) -> String {
     Outgoing {
         penalty: None,
+        lease: None,
         fields,
         basic: None,
         replay: crate::upstream::Replay::Always,

@@ -47,6 +47,7 @@ fn reply(status: u16, body: Vec<u8>) -> Reply {
 fn no_secrets() -> Outgoing<'static> {
     Outgoing {
         penalty: None,
+        lease: None,
         fields: vec![FormField::plain("grant_type", "password")],
         basic: None,
         replay: Replay::Always,
@@ -642,6 +643,7 @@ proptest! {
         }));
         let request = Outgoing {
             penalty: None,
+            lease: None,
             fields,
             basic: basic.then_some(("my-app", &basic_secret)),
             replay: Replay::Always,
@@ -700,6 +702,7 @@ proptest! {
         let target = &secrets[target.index(secrets.len())];
         let request = Outgoing {
             penalty: None,
+            lease: None,
             fields: secrets
                 .iter()
                 .map(|s| FormField { name: "password", value: Cow::Borrowed(s.as_str()), secret: true })
@@ -851,6 +854,7 @@ fn a_secret_containing_a_shorter_secret_is_redacted_whole() {
     let password = SecretString::from("pass1234word");
     let request = Outgoing {
         penalty: None,
+        lease: None,
         fields: vec![
             FormField::secret("pin", &pin),
             FormField::secret("password", &password),
@@ -893,6 +897,7 @@ fn overlapping_and_form_encoded_echoes_are_redacted() {
     );
     let request = Outgoing {
         penalty: None,
+        lease: None,
         fields: vec![
             FormField::secret("code", &a),
             FormField::secret("pin", &b),

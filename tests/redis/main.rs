@@ -7,9 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::SecretString;
 use testkit::{RedisCluster, RedisServer, Reply};
-use tokengate::keys::{Digest, Keys, Purpose};
 use tokengate::broker::redis::{Down, Notice, RedisStore};
 use tokengate::config::{CacheKey, RedisConfig};
+use tokengate::keys::{Digest, Keys, Purpose};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 const PREFIX: &str = "tg-test:";
