@@ -271,7 +271,7 @@ impl<F: Fetch> Broker<F> {
             while let Some(notice) = notices.recv().await {
                 let Some(inner) = inner.upgrade() else { break };
                 match notice {
-                    Notice::Invalidate(id) => inner.local.invalidate(&id),
+                    Notice::Invalidate { id, .. } => inner.local.invalidate(&id),
                     Notice::Penalty { key, until_unix_ms } => guard.learn(
                         key,
                         SystemTime::UNIX_EPOCH + Duration::from_millis(until_unix_ms),
@@ -576,7 +576,8 @@ impl<F: Fetch> Inner<F> {
 
     /// The entry Redis holds for `id`, opened; `None` when absent, unreadable or Redis is down.
     async fn fleet_entry(&self, fleet: &RedisStore, id: &Digest) -> Option<Arc<Entry>> {
-        let (version, sealed) = fleet.get(id).await.ok()??;
+        let stored = fleet.get(id).await.ok()?;
+        let (version, sealed) = (stored.version, stored.sealed?);
         let entry = self
             .keys
             .open(Purpose::Entry, id, &sealed)
@@ -799,7 +800,18 @@ impl<F: Fetch> Inner<F> {
     /// Keeps a result here and, version-checked, in Redis; tells the fleet when it replaced
     /// an entry that others may still hold.
     async fn store(&self, id: &Digest, keep: Keep, settled: Settled, previous: Option<&Entry>) {
-        let expected = previous.map_or(0, |p| p.version);
+        let expected = match (previous, self.fleet()) {
+            (Some(p), _) => p.version,
+            // Versions outlive deletes: with no entry, a write expects the version Redis has
+            // (an entry written meanwhile has one above 0, so 0 is refused and it stands).
+            (None, Some(fleet)) => fleet
+                .get(id)
+                .await
+                .ok()
+                .filter(|s| s.sealed.is_none())
+                .map_or(0, |s| s.version),
+            (None, None) => 0,
+        };
         let mut entry = Entry {
             version: expected + 1,
             keep,
@@ -814,7 +826,7 @@ impl<F: Fetch> Inner<F> {
                 .collect();
             match fleet.put(id, expected, &sealed, keep.ttl, &tokens).await {
                 Ok(true) if previous.is_some() => {
-                    let _ = fleet.invalidate(id).await;
+                    let _ = fleet.invalidate(id, expected + 1).await;
                 }
                 Ok(true) => {}
                 // Someone wrote first; theirs stands, and ours is not kept here either.
