@@ -315,6 +315,10 @@ pub struct UpstreamConfig {
     /// Extra trust roots (PEM) for the upstream, beside the built-in webpki roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Using a refresh token ends the access token it came with (RingCentral: "calls with it
+    /// then get 401"), so calls inside a cached token's renewal window wait for the new one
+    /// instead of being handed the one the renewal ends (contract §8.1 I10).
+    pub refresh_ends_access_token: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -328,6 +332,7 @@ impl Default for UpstreamConfig {
             max_connections: 100,
             allow_insecure_http: false,
             ca_file: None,
+            refresh_ends_access_token: true,
         }
     }
 }

@@ -52,6 +52,9 @@ pub enum Failure {
         error: UpstreamError,
         caller_credentials: bool,
     },
+    /// A one-time credential whose result the resource server rejected: it was exchanged
+    /// already and is not sent again (contract §8.1 I2).
+    CredentialSpent,
 }
 
 /// A failed call and what it was for.
@@ -97,6 +100,7 @@ fn classify(failure: &Failure) -> (Code, &'static str, Option<Duration>) {
         ),
         Failure::Overloaded => (Code::ResourceExhausted, "OVERLOADED", Some(OVERLOAD_RETRY)),
         Failure::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", None),
+        Failure::CredentialSpent => (Code::FailedPrecondition, "CREDENTIAL_SPENT", None),
         Failure::Upstream {
             error,
             caller_credentials,
@@ -217,6 +221,9 @@ fn message(error: &CallError) -> String {
         }
         Failure::DeadlineExceeded => {
             "the call's deadline passed while it waited for a turn".to_owned()
+        }
+        Failure::CredentialSpent => {
+            "already exchanged: use the refresh token of its result, or sign in again".to_owned()
         }
         Failure::Upstream { error, .. } => upstream_message(error),
     }

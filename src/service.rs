@@ -351,6 +351,7 @@ fn finish<T>(
                 Failure::RateLimited(_)
                 | Failure::Overloaded
                 | Failure::DeadlineExceeded
+                | Failure::CredentialSpent
                 | Failure::CallerUnauthenticated => "refused locally".to_owned(),
             };
             tracing::info!(parent: span, reason = error.reason(), detail, "call failed");

@@ -317,9 +317,9 @@ fn broker(
             clock: Arc::new(SystemClock),
             token_url,
             request_timeout: config.upstream.request_timeout,
+            refresh_ends_access_token: config.upstream.refresh_ends_access_token,
             fleet,
             guard,
-            penalties,
             metrics: metrics.clone(),
         },
     );

@@ -1,6 +1,8 @@
 //! What the broker keeps for one identity: a settled result and how long it may answer.
 //! The stored form is JSON, sealed by [`crate::keys::Keys`] before it leaves the process.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret as _, SecretString};
@@ -18,6 +20,9 @@ pub enum Settled {
         error: UpstreamError,
         caller_credentials: bool,
     },
+    /// A one-time credential's token that the resource server rejected: the credential is
+    /// spent and the token is not handed out again (contract §8.1 I2).
+    Spent,
 }
 
 /// One kept result.
@@ -27,6 +32,56 @@ pub struct Entry {
     pub version: u64,
     pub keep: Keep,
     pub settled: Settled,
+    /// This replica's bookkeeping for the entry; never stored.
+    pub upkeep: Upkeep,
+}
+
+/// What one replica remembers about a cached entry while it serves it: whether its renewal is
+/// scheduled, and how a failed renewal backs off (contract §8.1 I9, I10).
+#[derive(Debug, Default)]
+pub struct Upkeep {
+    scheduled: AtomicBool,
+    backoff: Mutex<Backoff>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Backoff {
+    failures: u32,
+    not_before: Option<SystemTime>,
+}
+
+/// First wait after a failed renewal; it doubles per failure, jittered, up to `min_remaining`.
+const RENEWAL_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Clone for Upkeep {
+    /// A copy is a new entry as far as upkeep goes.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl Upkeep {
+    /// True the first time it is asked: the caller schedules the entry's renewal.
+    pub fn schedule_once(&self) -> bool {
+        !self.scheduled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a renewal may start at `now`, or a failed one is still being backed off.
+    pub fn may_renew(&self, now: SystemTime) -> bool {
+        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        backoff.not_before.is_none_or(|at| now >= at)
+    }
+
+    /// A renewal failed at `now`: the next waits a jittered, doubling delay, capped at `cap`.
+    pub fn renewal_failed(&self, now: SystemTime, cap: Duration, jitter: f64) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let doubled = RENEWAL_BACKOFF.saturating_mul(1 << backoff.failures.min(16));
+        let ceiling = doubled.min(cap).max(Duration::from_millis(1));
+        // Half fixed, half random: spread over the fleet, but never a busy retry.
+        let wait = ceiling.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0);
+        backoff.failures = backoff.failures.saturating_add(1);
+        backoff.not_before = now.checked_add(wait);
+    }
 }
 
 impl Entry {
@@ -38,7 +93,7 @@ impl Entry {
                 .flatten()
                 .map(|s| s.expose_secret())
                 .collect(),
-            Settled::Refused { .. } => Vec::new(),
+            Settled::Refused { .. } | Settled::Spent => Vec::new(),
         }
     }
 
@@ -46,7 +101,15 @@ impl Entry {
     pub fn access_token(&self) -> Option<&str> {
         match &self.settled {
             Settled::Token(token) => token.access_token.as_ref().map(|a| a.expose_secret()),
-            Settled::Refused { .. } => None,
+            Settled::Refused { .. } | Settled::Spent => None,
+        }
+    }
+
+    /// The refresh token a renewal of this cached entry would spend, if any.
+    pub fn refresh_token(&self) -> Option<&SecretString> {
+        match &self.settled {
+            Settled::Token(token) => token.refresh_token.as_ref(),
+            Settled::Refused { .. } | Settled::Spent => None,
         }
     }
 
@@ -76,6 +139,7 @@ impl Entry {
                     error_code: error.oauth.as_ref().and_then(|o| o.error_code.clone()),
                     caller_credentials: *caller_credentials,
                 },
+                Settled::Spent => WireSettled::Spent,
             },
         };
         serde_json::to_vec(&wire).expect("an entry always encodes")
@@ -109,6 +173,7 @@ impl Entry {
                 },
                 caller_credentials,
             },
+            WireSettled::Spent => Settled::Spent,
         };
         Some(Self {
             version,
@@ -122,6 +187,7 @@ impl Entry {
                 ttl: Duration::from_millis(wire.ttl_ms),
             },
             settled,
+            upkeep: Upkeep::default(),
         })
     }
 }
@@ -156,6 +222,7 @@ enum WireSettled {
         error_code: Option<String>,
         caller_credentials: bool,
     },
+    Spent,
 }
 
 /// [`Token`] with its secrets exposed: it exists only inside a sealed value.
@@ -224,20 +291,37 @@ impl From<WireToken> for Token {
     }
 }
 
-/// The token as a kept entry hands it out at `now`: the true remaining lifetime, and, unless
-/// `keep_refresh` (a replayed one-time grant, whose caller needs the new refresh token), no
-/// refresh token: a refresh by one caller would kill the token that the others share.
-pub fn served_from_cache(token: &Token, now: SystemTime, keep_refresh: bool) -> Token {
+/// The token as a kept entry hands it out at `now`: the remaining lifetime up to its upstream
+/// expiry or `ends`, whichever is first (a cached token's planned renewal, which may end it:
+/// contract §8.1 I10), and, unless `keep_refresh` (a replayed one-time grant, whose caller
+/// needs the new refresh token), no refresh token: a refresh by one caller would kill the
+/// token that the others share.
+pub fn served_from_cache(
+    token: &Token,
+    now: SystemTime,
+    keep_refresh: bool,
+    ends: Option<SystemTime>,
+) -> Token {
     let elapsed = now.duration_since(token.received_at).unwrap_or_default();
-    let remaining = token
-        .expires_in
-        .map(|secs| Duration::from_secs(secs).saturating_sub(elapsed));
+    let until_ends = ends.map(|at| at.duration_since(now).unwrap_or_default());
+    let remaining = match (
+        token
+            .expires_in
+            .map(|secs| Duration::from_secs(secs).saturating_sub(elapsed)),
+        until_ends,
+    ) {
+        (Some(upstream), Some(planned)) => Some(upstream.min(planned)),
+        (upstream, planned) => upstream.or(planned),
+    }
+    // Whatever the upstream announced, no lifetime beyond what the broker keeps (I3).
+    .map(|r| r.min(super::policy::MAX_LIFETIME));
     // The nearest whole second, counted from a received_at chosen so that expires_at stays
     // exact (a token fresh from the upstream keeps the `expires_in` it came with).
     let expires_in = remaining.map(|r| (r.as_millis() as u64).saturating_add(500) / 1000);
     let received_at = match (remaining, expires_in) {
-        (Some(r), Some(secs)) => (now + r)
-            .checked_sub(Duration::from_secs(secs))
+        (Some(r), Some(secs)) => now
+            .checked_add(r)
+            .and_then(|end| end.checked_sub(Duration::from_secs(secs)))
             .unwrap_or(now),
         _ => now,
     };
@@ -294,6 +378,7 @@ mod tests {
             version: 3,
             keep: keep(now),
             settled: Settled::Token(token(now)),
+            upkeep: Upkeep::default(),
         };
         let back = Entry::decode(3, &entry.encode()).unwrap();
         assert_eq!(back.keep, entry.keep);
@@ -328,6 +413,7 @@ mod tests {
                 },
                 caller_credentials: true,
             },
+            upkeep: Upkeep::default(),
         };
         let back = Entry::decode(1, &entry.encode()).unwrap();
         let Settled::Refused {
@@ -347,7 +433,7 @@ mod tests {
     fn a_hit_carries_the_true_remaining_lifetime_and_no_refresh_token() {
         let received = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let now = received + Duration::from_millis(100_600);
-        let served = served_from_cache(&token(received), now, false);
+        let served = served_from_cache(&token(received), now, false, None);
         assert_eq!(served.expires_in, Some(3499), "3499.4 s left");
         assert_eq!(
             served.received_at + Duration::from_secs(3499),
@@ -358,10 +444,15 @@ mod tests {
         assert!(served.refresh_token_expires_in.is_none());
         assert_eq!(served.session_expires_in, Some(7100));
         assert_eq!(served.access_token.unwrap().expose_secret(), "at-1");
-        let replayed = served_from_cache(&token(received), now, true);
+        let replayed = served_from_cache(&token(received), now, true, None);
         assert_eq!(replayed.refresh_token.unwrap().expose_secret(), "rt-1");
         assert_eq!(replayed.refresh_token_expires_in, Some(604800 - 100));
-        let fresh = served_from_cache(&token(received), received + Duration::from_millis(3), false);
+        let fresh = served_from_cache(
+            &token(received),
+            received + Duration::from_millis(3),
+            false,
+            None,
+        );
         assert_eq!(
             fresh.expires_in,
             Some(3600),

@@ -1,46 +1,55 @@
 //! The token broker (contract §8): between a validated request and the upstream call, it
 //! decides once per request whether to answer from the cache, join an identical call in
-//! flight, replay a recent result, or go upstream, and keeps what it learns.
+//! flight, replay a recent result, or go upstream, and keeps what it learns. Its promises
+//! are contract §8.1's invariants; each lives in one place:
 //!
 //! - [`policy`]: the pure rules per grant; [`identity`]: which requests are identical.
-//! - [`entry`]: what is kept; [`redis`]: the state a fleet shares. HMAC identities and
-//!   sealing are [`crate::keys`]'s, the upstream's 429 penalties [`crate::rate_limit`]'s.
+//! - [`entry`]: what is kept, and how a kept token is served (I3, I10).
+//! - [`lookup`]: what is kept for a request and whether it answers (I2, I7, I10).
+//! - [`flight`]: single-flight per identity on one replica (I5).
+//! - [`leader`]: the one call that goes upstream: the fleet lease, renewal, keeping (I1, I9).
+//! - [`lease`]: a fleet lease that covers its holder's whole work (I6).
+//! - [`fleet`] and [`redis`]: the state a fleet shares. HMAC identities and sealing are
+//!   [`crate::keys`]'s, the upstream's 429 penalties [`crate::rate_limit`]'s (I4).
 //!
-//! The broker owns a local layer (moka, bounded by `max_entries`) and single-flight per
-//! identity. With Redis behind it, a fleet-wide lease makes one replica call while the
-//! others wait for its result; a lease only saves calls, the version-checked write and the
-//! replay of one-time grants are what keep a credential from being spent twice.
+//! With Redis, a fleet-wide lease makes one replica call while the others wait for its
+//! result; entries and notices carry versions, so nothing invalidated comes back.
 
 pub mod entry;
+pub mod fleet;
+pub mod flight;
 pub mod identity;
+pub mod leader;
+pub mod lease;
+pub mod lookup;
+#[cfg(test)]
+pub mod memory_fleet;
 pub mod policy;
 pub mod redis;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use secrecy::ExposeSecret as _;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use self::entry::{Entry, Settled, served_from_cache};
-use self::policy::{Freshness, Keep, OAuthKind, Outcome, Policy, Treatment, freshness};
+use self::fleet::Fleet;
+use self::flight::{FlightResult, Flights, Joined, Landed};
+use self::lookup::CacheLookup;
+use self::policy::{Policy, Treatment};
 use self::redis::{Notice, RedisStore};
 use crate::config::CacheConfig;
 use crate::error::Failure;
-use crate::grant::{Grant, TokenRequest};
-use crate::keys::{Digest, Keys, Purpose};
+use crate::grant::TokenRequest;
+use crate::keys::{Digest, Keys};
 use crate::metrics::{Lookup, Metrics};
-use crate::rate_limit::{self as guard, RateLimitGuard};
+use crate::rate_limit::RateLimitGuard;
 use crate::upstream::{Precondition, Token, UpstreamErrorKind};
 
-/// How often a replica that waits for another replica's call looks for its result.
-const FLEET_POLL: Duration = Duration::from_millis(20);
 /// How many times a call starts over after the flight it joined ended in nothing it can use
-/// (its leader's deadline, or a lease whose holder vanished).
+/// (its lease ran out before it sent, or its task vanished).
 const MAX_ROUNDS: usize = 3;
 
 /// The upstream call the broker wraps: client authentication, admission, the rate-limit
@@ -111,43 +120,11 @@ pub struct Ask {
     pub deadline: Option<Instant>,
 }
 
-/// What is kept for a request, as far as answering it goes.
-enum Kept {
-    /// An entry that answers now; `renew` when it is inside `refresh_ahead`.
-    Answers { entry: Arc<Entry>, renew: bool },
-    /// Nothing that answers. The entry a new result replaces, if any: its refresh token,
-    /// its version and its polling interval still count.
-    Replaces(Option<Arc<Entry>>),
+pub struct Broker<F, S = RedisStore> {
+    inner: Arc<Inner<F, S>>,
 }
 
-/// How waiting for another replica's call ended.
-enum Awaited {
-    /// Its result, now in Redis.
-    Entry(Arc<Entry>),
-    /// The lease is free (its holder released it or it expired) with no result.
-    Free,
-    /// Redis stopped answering, or one holder kept the lease past any call's length.
-    Stuck,
-}
-
-/// How one call's wait for a flight ended.
-enum Flown {
-    /// The flight's result; `led` when this call started it.
-    Landed { landed: Box<Landed>, led: bool },
-    /// The call's own deadline passed first.
-    TimedOut,
-    /// The flight ended with no result (its task was cancelled).
-    Vanished,
-}
-
-/// What a flight delivers to the calls that share it.
-type Landed = Result<(Token, Source), Failure>;
-
-pub struct Broker<F> {
-    inner: Arc<Inner<F>>,
-}
-
-impl<F> Clone for Broker<F> {
+impl<F, S> Clone for Broker<F, S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -155,7 +132,7 @@ impl<F> Clone for Broker<F> {
     }
 }
 
-impl<F> std::fmt::Debug for Broker<F> {
+impl<F, S> std::fmt::Debug for Broker<F, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("policy", &self.inner.policy)
@@ -164,18 +141,27 @@ impl<F> std::fmt::Debug for Broker<F> {
     }
 }
 
-struct Inner<F> {
+/// What the broker's parts share.
+pub(crate) struct Inner<F, S> {
     fetch: F,
     policy: Policy,
+    /// `upstream.refresh_ends_access_token`: calls inside a renewal window wait for it.
+    refresh_ends_access_token: bool,
     keys: Arc<Keys>,
     clock: Arc<dyn Clock>,
     token_url: String,
     local: moka::sync::Cache<Digest, Arc<Entry>>,
     /// Token digest → the identity whose entry holds it, for revocation.
     by_token: moka::sync::Cache<Digest, Digest>,
-    flights: Mutex<HashMap<Digest, watch::Receiver<Option<Landed>>>>,
-    fleet: Option<RedisStore>,
-    /// How long a fleet-wide lease lasts: the longest an upstream call can take.
+    /// Identity → the version below which its entries are dead (from notices and deletes).
+    floors: moka::sync::Cache<Digest, u64>,
+    /// Digests of tokens revoked or rejected through this replica: never served again.
+    revoked: moka::sync::Cache<Digest, ()>,
+    /// Token digests revoked while Redis was down: applied there before it is read again.
+    pending_revocations: Mutex<Vec<Digest>>,
+    flights: Flights,
+    fleet: Option<S>,
+    /// A fleet lease's TTL; it is extended while its holder works.
     lease_ttl: Duration,
     /// Counts lookups by result.
     metrics: Arc<Metrics>,
@@ -206,30 +192,39 @@ impl moka::Expiry<Digest, Arc<Entry>> for EntryExpiry {
 }
 
 /// The parts the broker is built from.
-pub struct Parts<F> {
+pub struct Parts<F, S = RedisStore> {
     pub fetch: F,
     pub keys: Arc<Keys>,
     pub clock: Arc<dyn Clock>,
     pub token_url: String,
     /// The longest one upstream call may take (`upstream.request_timeout`).
     pub request_timeout: Duration,
-    /// The Redis store, when `backend = "redis"`, with the notices it receives.
-    pub fleet: Option<(RedisStore, tokio::sync::mpsc::UnboundedReceiver<Notice>)>,
-    /// The guard that fleet penalties are applied to, and the penalties it reports.
+    /// `upstream.refresh_ends_access_token`.
+    pub refresh_ends_access_token: bool,
+    /// The fleet's store, when `backend = "redis"`, with the notices it receives.
+    pub fleet: Option<(S, tokio::sync::mpsc::UnboundedReceiver<Notice>)>,
+    /// The guard that fleet penalties are applied to.
     pub guard: Arc<RateLimitGuard>,
-    pub penalties: Option<tokio::sync::mpsc::UnboundedReceiver<guard::Shared>>,
     /// Where lookups are counted (`tokengate_cache_lookups_total`).
     pub metrics: Arc<Metrics>,
 }
 
-impl<F: Fetch> Broker<F> {
-    pub fn new(config: &CacheConfig, parts: Parts<F>) -> Self {
+impl<F: Fetch, S: Fleet> Broker<F, S> {
+    pub fn new(config: &CacheConfig, parts: Parts<F, S>) -> Self {
         let local = moka::sync::Cache::builder()
             .max_capacity(config.max_entries)
             .expire_after(EntryExpiry)
             .build();
         let by_token = moka::sync::Cache::builder()
             .max_capacity(config.max_entries.saturating_mul(2))
+            .time_to_live(policy::MAX_LIFETIME)
+            .build();
+        let floors = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries)
+            .time_to_live(redis::VERSION_TTL)
+            .build();
+        let revoked = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries)
             .time_to_live(policy::MAX_LIFETIME)
             .build();
         let (fleet, notices) = match parts.fleet {
@@ -240,46 +235,29 @@ impl<F: Fetch> Broker<F> {
             inner: Arc::new(Inner {
                 fetch: parts.fetch,
                 policy: Policy::from(config),
+                refresh_ends_access_token: parts.refresh_ends_access_token,
                 keys: parts.keys,
                 clock: parts.clock,
                 token_url: parts.token_url,
                 local,
                 by_token,
-                flights: Mutex::default(),
+                floors,
+                revoked,
+                pending_revocations: Mutex::default(),
+                flights: Flights::default(),
                 fleet,
                 lease_ttl: parts.request_timeout + Duration::from_secs(1),
                 metrics: parts.metrics,
             }),
         };
         if let Some(notices) = notices {
-            broker.listen(notices, parts.guard.clone());
-        }
-        if let (Some(penalties), Some(fleet)) = (parts.penalties, broker.inner.fleet.clone()) {
-            tokio::spawn(tell_fleet(penalties, fleet));
+            tokio::spawn(listen(
+                Arc::downgrade(&broker.inner),
+                Arc::downgrade(&parts.guard),
+                notices,
+            ));
         }
         broker
-    }
-
-    /// Applies what other replicas report, for as long as the broker lives.
-    fn listen(
-        &self,
-        mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
-        guard: Arc<RateLimitGuard>,
-    ) {
-        let inner = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            while let Some(notice) = notices.recv().await {
-                let Some(inner) = inner.upgrade() else { break };
-                match notice {
-                    Notice::Invalidate { id, .. } => inner.local.invalidate(&id),
-                    Notice::Penalty { key, until_unix_ms } => guard.learn(
-                        key,
-                        SystemTime::UNIX_EPOCH + Duration::from_millis(until_unix_ms),
-                    ),
-                    Notice::Resync => inner.local.invalidate_all(),
-                }
-            }
-        });
     }
 
     /// The upstream call the broker wraps (revocation goes straight to it).
@@ -287,7 +265,7 @@ impl<F: Fetch> Broker<F> {
         &self.inner.fetch
     }
 
-    /// The number of entries in the local layer (for tests and, later, metrics).
+    /// The number of entries in the local layer (for tests and metrics).
     pub fn local_entries(&self) -> u64 {
         self.inner.local.run_pending_tasks();
         self.inner.local.entry_count()
@@ -299,16 +277,11 @@ impl<F: Fetch> Broker<F> {
         let grant = ask.request.grant.kind();
         let treatment = inner.policy.treatment(grant, ask.caches);
         if treatment == Treatment::PassThrough {
-            let token = inner
-                .fetch
-                .fetch(
-                    &ask.request,
-                    Call {
-                        deadline: ask.deadline,
-                        ..Call::default()
-                    },
-                )
-                .await?;
+            let call = Call {
+                deadline: ask.deadline,
+                ..Call::default()
+            };
+            let token = inner.fetch.fetch(&ask.request, call).await?;
             return Ok((token, Source::Upstream));
         }
         let mut lookup = Lookup::Miss;
@@ -334,28 +307,39 @@ impl<F: Fetch> Broker<F> {
         );
         let request = Arc::new(ask.request);
         for _ in 0..MAX_ROUNDS {
-            let previous = match inner.kept(&id, &request).await {
-                Kept::Answers { entry, renew } => {
+            let previous = match inner.cached(&id, &request, treatment).await {
+                CacheLookup::Answers { entry, renew } => {
                     if renew {
-                        self.renew(id, request.clone(), entry.clone(), treatment);
+                        self.renew_in_background(id, request.clone(), entry.clone(), treatment);
+                    } else {
+                        self.schedule_renewal(id, &request, &entry, treatment);
                     }
                     *lookup = match treatment {
                         Treatment::Cache => Lookup::Hit,
                         _ => Lookup::Replayed,
                     };
-                    return served(&entry, treatment, inner.clock.now(), false);
+                    return inner.served(&entry, treatment, false);
                 }
-                Kept::Replaces(previous) => previous,
+                CacheLookup::Spent => {
+                    *lookup = Lookup::Replayed;
+                    return Err(Failure::CredentialSpent);
+                }
+                CacheLookup::Miss(previous) => previous,
             };
             *lookup = match previous {
                 Some(_) => Lookup::Stale,
                 None => Lookup::Miss,
             };
-            let flown = self
-                .fly(id, request.clone(), treatment, previous, ask.deadline)
-                .await;
-            match flown {
-                Flown::Landed { landed, led } => match *landed {
+            let (receiver, led) =
+                match self.join_or_start_flight(id, request.clone(), treatment, previous) {
+                    Ok(joined) => joined,
+                    Err(answered) => {
+                        *lookup = Lookup::Coalesced;
+                        return *answered;
+                    }
+                };
+            match flight::wait(receiver, led, ask.deadline).await {
+                FlightResult::Landed { result, led } => match *result {
                     Ok((token, source)) => {
                         if !led {
                             *lookup = Lookup::Coalesced;
@@ -363,481 +347,158 @@ impl<F: Fetch> Broker<F> {
                         }
                         return Ok((token, source));
                     }
-                    // The leader's own deadline, not ours: start over while time is left.
-                    Err(Failure::DeadlineExceeded) if !led => {}
+                    // Its lease ran out before it sent anything: another replica took over.
+                    Err(Failure::Upstream { error, .. })
+                        if error.kind == UpstreamErrorKind::LeaseLost => {}
                     Err(failure) => return Err(failure),
                 },
-                Flown::Vanished => {}
-                Flown::TimedOut => return Err(Failure::DeadlineExceeded),
+                FlightResult::Vanished => {}
+                FlightResult::TimedOut => return Err(Failure::DeadlineExceeded),
             }
         }
         Err(Failure::DeadlineExceeded)
     }
 
-    /// Starts one background renewal of `id`, unless a call for it is already in flight.
-    fn renew(
+    /// Starts one renewal of `id` that nobody waits for, unless a call for it is in flight.
+    /// Its span only follows the call that started it, so that call's span ends with it.
+    fn renew_in_background(
         &self,
         id: Digest,
         request: Arc<TokenRequest>,
         entry: Arc<Entry>,
         treatment: Treatment,
     ) {
-        // Nobody waits for it, so nothing is lost if it finds the work already done.
-        drop(self.start_flight(id, request, treatment, Some(entry), None));
+        let span = tracing::info_span!(parent: None, "renewal");
+        span.follows_from(tracing::Span::current());
+        let _entered = span.enter();
+        drop(self.join_or_start_flight(id, request, treatment, Some(entry)));
     }
 
-    /// Joins the call in flight for `id`, or starts it, and waits for it within `deadline`.
-    async fn fly(
+    /// Starts the renewal of a cached entry that callers use at its planned point by itself,
+    /// so that callers who come back at the lifetime they were told rarely wait (I10).
+    fn schedule_renewal(
         &self,
         id: Digest,
-        request: Arc<TokenRequest>,
+        request: &Arc<TokenRequest>,
+        entry: &Arc<Entry>,
         treatment: Treatment,
-        previous: Option<Arc<Entry>>,
-        deadline: Option<Instant>,
-    ) -> Flown {
-        let (mut receiver, led) = self.start_flight(id, request, treatment, previous, deadline);
-        let wait = receiver.wait_for(Option::is_some);
-        let landed = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, wait).await {
-                Ok(landed) => landed,
-                Err(_) => return Flown::TimedOut,
-            },
-            None => wait.await,
+    ) {
+        let Some(renew_at) = entry.keep.renew_at else {
+            return;
         };
-        match landed.ok().and_then(|landed| landed.clone()) {
-            Some(landed) => Flown::Landed {
-                landed: Box::new(landed),
-                led,
-            },
-            None => Flown::Vanished,
+        if treatment != Treatment::Cache || !entry.upkeep.schedule_once() {
+            return;
         }
+        let delay = renew_at
+            .duration_since(self.inner.clock.now())
+            .unwrap_or_default();
+        let inner = Arc::downgrade(&self.inner);
+        let scheduled = Arc::downgrade(entry);
+        let request = request.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let (Some(inner), Some(entry)) = (inner.upgrade(), scheduled.upgrade()) else {
+                return;
+            };
+            // Only the entry this replica still serves; a newer one schedules its own.
+            let current = inner.local.get(&id);
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, &entry))
+                || !entry.upkeep.may_renew(inner.clock.now())
+            {
+                return;
+            }
+            Broker { inner }.renew_in_background(id, request, entry, treatment);
+        });
     }
 
-    /// The flight runs in its own task, so its result (a spent refresh token's successor
-    /// above all) is kept even when every caller that waited for it has gone. Its upstream
-    /// call is bounded by its leader's deadline, as every upstream call is (contract §6).
-    fn start_flight(
+    /// Joins the call in flight for `id`, or starts it in its own task. `Err` carries an
+    /// answer that a flight kept just before this call looked.
+    fn join_or_start_flight(
         &self,
         id: Digest,
         request: Arc<TokenRequest>,
         treatment: Treatment,
         previous: Option<Arc<Entry>>,
-        deadline: Option<Instant>,
-    ) -> (watch::Receiver<Option<Landed>>, bool) {
-        let mut flights = self
-            .inner
-            .flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(receiver) = flights.get(&id)
-            && receiver.has_changed().is_ok()
-        {
-            return (receiver.clone(), false);
-        }
-        let (sender, receiver) = watch::channel(None);
-        flights.insert(id, receiver.clone());
-        drop(flights);
+    ) -> Result<(tokio::sync::watch::Receiver<Option<Landed>>, bool), Box<Landed>> {
+        let inner = &self.inner;
+        let kept = || inner.landed_meanwhile(&id, treatment, previous.as_ref());
+        let sender = match inner.flights.join_or_start(id, kept) {
+            Joined::Running(receiver) => return Ok((receiver, false)),
+            Joined::Answered(answer) => return Err(answer),
+            Joined::Started(sender) => sender,
+        };
+        let receiver = sender.subscribe();
         let inner = self.inner.clone();
+        // The flight runs in its own task, so its result (a spent refresh token's successor
+        // above all) is kept even when every caller that waited for it has gone.
         tokio::spawn(
             async move {
-                let landed = inner
-                    .lead(id, &request, treatment, previous, deadline)
-                    .await;
-                sender.send_replace(Some(landed));
-                let mut flights = inner
-                    .flights
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if flights
-                    .get(&id)
-                    .is_some_and(|r| r.same_channel(&sender.subscribe()))
-                {
-                    flights.remove(&id);
-                }
+                let landed = inner.lead(id, &request, treatment, previous).await;
+                inner.flights.land(&id, &sender, landed);
             }
             .instrument(tracing::Span::current()),
         );
-        (receiver, true)
+        Ok((receiver, true))
     }
 
     /// Drops every entry that holds `token` (as access or refresh token), on every replica.
     pub async fn forget(&self, token: &str) {
-        let inner = &self.inner;
-        let digest = inner.keys.token_digest(token);
-        if let Some(id) = inner.by_token.get(&digest) {
-            inner.local.invalidate(&id);
-            inner.by_token.invalidate(&digest);
-        }
-        if let Some(fleet) = inner.fleet()
-            && let Ok(Some(id)) = fleet.find_token(&digest).await
-        {
-            inner.local.invalidate(&id);
-            let _ = fleet.delete(&id).await;
-        }
+        self.inner.forget(token).await;
     }
 }
 
-/// Forwards this replica's penalties to the fleet.
-async fn tell_fleet(
-    mut penalties: tokio::sync::mpsc::UnboundedReceiver<guard::Shared>,
-    fleet: RedisStore,
+/// Applies what other replicas report, for as long as the broker lives.
+async fn listen<F: Fetch, S: Fleet>(
+    inner: Weak<Inner<F, S>>,
+    guard: Weak<RateLimitGuard>,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
 ) {
-    while let Some((key, until)) = penalties.recv().await {
-        let until_unix_ms = until
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        // Down: every replica holds back on its own 429s meanwhile.
-        let _ = fleet.penalise(&key, until_unix_ms).await;
+    while let Some(notice) = notices.recv().await {
+        match notice {
+            Notice::Invalidate { id, version } => {
+                let Some(inner) = inner.upgrade() else { break };
+                inner.raise_floor(&id, version);
+            }
+            Notice::Penalty { key, until_unix_ms } => {
+                let Some(guard) = guard.upgrade() else { break };
+                guard.learn(
+                    key,
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(until_unix_ms),
+                );
+            }
+            Notice::Resync => {
+                let Some(inner) = inner.upgrade() else { break };
+                inner.local.invalidate_all();
+            }
+        }
     }
 }
 
-/// An entry's answer to a request at `now`.
-fn served(entry: &Entry, treatment: Treatment, now: SystemTime, coalesced: bool) -> Landed {
-    let source = match (coalesced, treatment) {
-        (true, _) => Source::Coalesced,
-        (false, Treatment::Cache) => Source::Cache,
-        (false, _) => Source::Replayed,
-    };
-    match &entry.settled {
-        Settled::Token(token) => Ok((
-            served_from_cache(token, now, treatment != Treatment::Cache),
-            source,
-        )),
-        Settled::Refused {
-            error,
-            caller_credentials,
-        } => Err(Failure::Upstream {
-            error: error.clone(),
-            caller_credentials: *caller_credentials,
-        }),
-    }
-}
-
-impl<F: Fetch> Inner<F> {
-    /// Whether what is kept for `id` answers `request` now, after a reported rejection.
-    async fn kept(&self, id: &Digest, request: &TokenRequest) -> Kept {
-        let Some(mut entry) = self.lookup(id).await else {
-            return Kept::Replaces(None);
-        };
-        let rejected = request
-            .rejected_access_token
-            .as_ref()
-            .is_some_and(|t| entry.holds_access_token(t.expose_secret()));
-        if rejected {
-            tracing::info!(id = ?id, "the cached token was rejected; fetching a new one");
-            match self.drop_rejected(id, &entry).await {
-                // Another replica replaced it already: that one answers.
-                Some(newer) => entry = newer,
-                // Its refresh token may still renew it, into a store that no longer has it.
-                None => {
-                    return Kept::Replaces(Some(Arc::new(Entry {
-                        version: 0,
-                        ..Entry::clone(&entry)
-                    })));
-                }
-            }
-        }
-        match freshness(&entry.keep, self.clock.now()) {
-            Freshness::Fresh => Kept::Answers {
-                entry,
-                renew: false,
-            },
-            Freshness::Renew => Kept::Answers { entry, renew: true },
-            Freshness::Spent => Kept::Replaces(Some(entry)),
-        }
-    }
-
-    /// The Redis store while it answers. While it is down every call skips it at once
-    /// instead of waiting out `cache.redis.timeout` per command; its health check notices
-    /// when it is back.
-    fn fleet(&self) -> Option<&RedisStore> {
-        self.fleet.as_ref().filter(|fleet| fleet.is_up())
-    }
-
-    /// The entry kept for `id`: the local layer's while it may answer, else the fleet's.
-    async fn lookup(&self, id: &Digest) -> Option<Arc<Entry>> {
-        let local = self.local.get(id);
-        if let Some(entry) = &local
-            && freshness(&entry.keep, self.clock.now()) != Freshness::Spent
-        {
-            return local;
-        }
-        let Some(fleet) = self.fleet() else {
-            return local;
-        };
-        match self.fleet_entry(fleet, id).await {
-            Some(entry) => {
-                self.keep_locally(id, entry.clone());
-                Some(entry)
-            }
-            None => local,
-        }
-    }
-
-    /// The entry Redis holds for `id`, opened; `None` when absent, unreadable or Redis is down.
-    async fn fleet_entry(&self, fleet: &RedisStore, id: &Digest) -> Option<Arc<Entry>> {
-        let stored = fleet.get(id).await.ok()?;
-        let (version, sealed) = (stored.version, stored.sealed?);
-        let entry = self
-            .keys
-            .open(Purpose::Entry, id, &sealed)
-            .ok()
-            .and_then(|plain| Entry::decode(version, &plain));
-        if entry.is_none() {
-            tracing::warn!(
-                id = ?id,
-                "a value in redis does not open under the cache key; dropped and treated as a miss"
-            );
-            // Left in place, its version would refuse every write of a good entry until it
-            // expired.
-            let _ = fleet.delete(id).await;
-        }
-        entry.map(Arc::new)
-    }
-
-    fn keep_locally(&self, id: &Digest, entry: Arc<Entry>) {
-        for token in entry.tokens() {
-            self.by_token.insert(self.keys.token_digest(token), *id);
-        }
-        self.local.insert(*id, entry);
-    }
-
-    /// Drops a rejected entry here and, if Redis still holds that token, there. Returns the
-    /// entry Redis holds instead when another replica has replaced it already (the notice
-    /// that would have told us may still be on its way).
-    async fn drop_rejected(&self, id: &Digest, rejected: &Entry) -> Option<Arc<Entry>> {
-        self.local.invalidate(id);
-        let fleet = self.fleet()?;
-        let shared = self.fleet_entry(fleet, id).await?;
-        if shared.holds_access_token(rejected.access_token()?) {
-            let _ = fleet.delete(id).await;
-            return None;
-        }
-        self.keep_locally(id, shared.clone());
-        Some(shared)
-    }
-
-    /// The flight's work: take the fleet's lease (or wait for its holder's result), call
-    /// upstream, keep the result, then release.
-    async fn lead(
-        &self,
-        id: Digest,
-        request: &TokenRequest,
-        treatment: Treatment,
-        previous: Option<Arc<Entry>>,
-        deadline: Option<Instant>,
-    ) -> Landed {
-        let mut lease = None;
-        if let Some(fleet) = self.fleet() {
-            loop {
-                match fleet.lease(&id, self.lease_ttl).await {
-                    Ok(Some(held)) => {
-                        // Re-checked under the lease: its last holder may have just written.
-                        if let Some(entry) = self.fleet_entry(fleet, &id).await
-                            && freshness(&entry.keep, self.clock.now()) == Freshness::Fresh
-                        {
-                            let _ = fleet.release(&id, held).await;
-                            self.keep_locally(&id, entry.clone());
-                            return served(&entry, treatment, self.clock.now(), true);
-                        }
-                        lease = Some(held);
-                        break;
-                    }
-                    Ok(None) => match self.await_fleet(fleet, &id).await {
-                        Awaited::Entry(entry) => {
-                            self.keep_locally(&id, entry.clone());
-                            return served(&entry, treatment, self.clock.now(), true);
-                        }
-                        Awaited::Free => {}
-                        // Redis stopped answering, or one holder kept the lease longer than
-                        // any call can take: call without it.
-                        Awaited::Stuck => break,
-                    },
-                    // Redis is down: this replica goes on alone.
-                    Err(_) => break,
-                }
-            }
-        }
-        let grant = request.grant.kind();
-        let result = self
-            .fetch_fresh(request, treatment, previous.as_deref(), deadline)
-            .await;
+impl<F, S> Inner<F, S> {
+    /// An entry's answer at this moment. A cached token's lifetime ends where its renewal
+    /// is planned (I10) until that point has passed; then it is the true remaining one.
+    fn served(&self, entry: &Entry, treatment: Treatment, coalesced: bool) -> Landed {
         let now = self.clock.now();
-        let outcome = match &result {
-            Ok(token) => Outcome::Token {
-                lifetime: token.expires_in.map(Duration::from_secs),
-            },
-            Err(Failure::Upstream { error, .. }) if error.kind == UpstreamErrorKind::OAuth => {
-                Outcome::OAuth(OAuthKind::of(
-                    error.oauth.as_ref().and_then(|o| o.error.as_deref()),
-                ))
-            }
-            Err(_) => Outcome::Transient,
+        let source = match (coalesced, treatment) {
+            (true, _) => Source::Coalesced,
+            (false, Treatment::Cache) => Source::Cache,
+            (false, _) => Source::Replayed,
         };
-        let previous_interval = previous.as_ref().and_then(|p| p.keep.interval);
-        let keep = self.policy.keep(
-            treatment,
-            grant,
-            outcome,
-            now,
-            previous_interval,
-            fastrand::f64(),
-        );
-        let settled = match &result {
-            Ok(token) => Some(Settled::Token(token.clone())),
-            Err(Failure::Upstream {
+        match &entry.settled {
+            Settled::Token(token) => {
+                let cached = treatment == Treatment::Cache;
+                let ends = entry.keep.renew_at.filter(|at| cached && now < *at);
+                Ok((served_from_cache(token, now, !cached, ends), source))
+            }
+            Settled::Refused {
                 error,
                 caller_credentials,
-            }) => Some(Settled::Refused {
+            } => Err(Failure::Upstream {
                 error: error.clone(),
                 caller_credentials: *caller_credentials,
             }),
-            Err(_) => None,
-        };
-        if let (Some(keep), Some(settled)) = (keep, settled) {
-            self.store(&id, keep, settled, previous.as_deref()).await;
+            Settled::Spent => Err(Failure::CredentialSpent),
         }
-        if let (Some(fleet), Some(held)) = (&self.fleet, lease) {
-            let _ = fleet.release(&id, held).await;
-        }
-        result.map(|token| {
-            let token = if treatment == Treatment::Cache {
-                served_from_cache(&token, now, false)
-            } else {
-                token
-            };
-            (token, Source::Upstream)
-        })
-    }
-
-    /// Waits for the lease holder's result. Each holder gets `lease_ttl` from when this
-    /// replica first sees it: a new holder (the last one's lease expired) starts the wait
-    /// again, so waiters follow the lease instead of all calling when the first one lapses.
-    async fn await_fleet(&self, fleet: &RedisStore, id: &Digest) -> Awaited {
-        let mut holder: Option<(String, Instant)> = None;
-        loop {
-            if let Some(entry) = self.fleet_entry(fleet, id).await
-                && freshness(&entry.keep, self.clock.now()) != Freshness::Spent
-            {
-                return Awaited::Entry(entry);
-            }
-            match fleet.lease_holder(id).await {
-                Ok(Some(now_holding)) => {
-                    let since = match &holder {
-                        Some((seen, since)) if *seen == now_holding => *since,
-                        _ => Instant::now(),
-                    };
-                    if since.elapsed() >= self.lease_ttl {
-                        return Awaited::Stuck;
-                    }
-                    holder = Some((now_holding, since));
-                    tokio::time::sleep(FLEET_POLL).await;
-                }
-                Ok(None) => return Awaited::Free,
-                Err(_) => return Awaited::Stuck,
-            }
-        }
-    }
-
-    /// A new token: renewed with the refresh token kept from the last one when there is
-    /// one, else (or when that fails) by running the request's own grant again.
-    async fn fetch_fresh(
-        &self,
-        request: &TokenRequest,
-        treatment: Treatment,
-        previous: Option<&Entry>,
-        deadline: Option<Instant>,
-    ) -> Result<Token, Failure> {
-        let kept = previous.and_then(|entry| match &entry.settled {
-            Settled::Token(token) if treatment == Treatment::Cache => {
-                let alive = token.refresh_token_expires_in.is_none_or(|secs| {
-                    token.received_at + Duration::from_secs(secs) > self.clock.now()
-                });
-                token.refresh_token.clone().filter(|_| alive)
-            }
-            _ => None,
-        });
-        if let Some(refresh_token) = kept {
-            let refresh = TokenRequest {
-                grant: Grant::RefreshToken { refresh_token },
-                client_id: request.client_id.clone(),
-                client_assertion: request.client_assertion.clone(),
-                scopes: Vec::new(),
-                endpoint_id: request.endpoint_id.clone(),
-                access_token_ttl: request.access_token_ttl,
-                refresh_token_ttl: request.refresh_token_ttl,
-                rejected_access_token: None,
-            };
-            match self
-                .fetch
-                .fetch(
-                    &refresh,
-                    Call {
-                        deadline,
-                        ..Call::default()
-                    },
-                )
-                .await
-            {
-                Ok(token) => return Ok(token),
-                Err(failure) => tracing::info!(
-                    reason = crate::error::reason(&failure),
-                    "renewal with the kept refresh token failed; running the grant again"
-                ),
-            }
-        }
-        self.fetch
-            .fetch(
-                request,
-                Call {
-                    deadline,
-                    ..Call::default()
-                },
-            )
-            .await
-    }
-
-    /// Keeps a result here and, version-checked, in Redis; tells the fleet when it replaced
-    /// an entry that others may still hold.
-    async fn store(&self, id: &Digest, keep: Keep, settled: Settled, previous: Option<&Entry>) {
-        let expected = match (previous, self.fleet()) {
-            (Some(p), _) => p.version,
-            // Versions outlive deletes: with no entry, a write expects the version Redis has
-            // (an entry written meanwhile has one above 0, so 0 is refused and it stands).
-            (None, Some(fleet)) => fleet
-                .get(id)
-                .await
-                .ok()
-                .filter(|s| s.sealed.is_none())
-                .map_or(0, |s| s.version),
-            (None, None) => 0,
-        };
-        let mut entry = Entry {
-            version: expected + 1,
-            keep,
-            settled,
-        };
-        if let Some(fleet) = self.fleet() {
-            let sealed = self.keys.seal(Purpose::Entry, id, &entry.encode());
-            let tokens: Vec<Digest> = entry
-                .tokens()
-                .into_iter()
-                .map(|t| self.keys.token_digest(t))
-                .collect();
-            match fleet.put(id, expected, &sealed, keep.ttl, &tokens).await {
-                Ok(true) if previous.is_some() => {
-                    let _ = fleet.invalidate(id, expected + 1).await;
-                }
-                Ok(true) => {}
-                // Someone wrote first; theirs stands, and ours is not kept here either.
-                Ok(false) => {
-                    self.local.invalidate(id);
-                    return;
-                }
-                Err(_) => entry.version = expected,
-            }
-        }
-        self.keep_locally(id, Arc::new(entry));
     }
 }
 

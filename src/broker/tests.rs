@@ -1,4 +1,7 @@
 //! The broker on the memory backend, against a scripted upstream and a hand-driven clock.
+//! [`invariants`] holds one test per finding of the broker-proof work (contract §8.1).
+
+mod invariants;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -7,8 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use secrecy::SecretString;
 
 use super::*;
-use crate::grant::GrantKind;
+use crate::broker::memory_fleet::MemoryFleet;
+use crate::grant::{Grant, GrantKind};
+use crate::keys::Keys;
 use crate::upstream::{OAuthError, UpstreamError};
+use secrecy::ExposeSecret as _;
 
 const HOUR: u64 = 3600;
 
@@ -31,6 +37,9 @@ impl Clock for ManualClock {
 /// which grant each call ran, and holds every call until the gate lets it through.
 struct Fake {
     calls: AtomicUsize,
+    /// The user each call would penalise on a 429, and the one-time credential it carried.
+    users: Mutex<Vec<Option<String>>>,
+    credentials: Mutex<Vec<String>>,
     grants: Mutex<Vec<GrantKind>>,
     script: Mutex<VecDeque<Result<Token, Failure>>>,
     gate: tokio::sync::Semaphore,
@@ -49,8 +58,28 @@ impl Fake {
 }
 
 impl Fetch for Arc<Fake> {
-    async fn fetch(&self, request: &TokenRequest, _call: Call<'_>) -> Result<Token, Failure> {
+    async fn fetch(&self, request: &TokenRequest, call: Call<'_>) -> Result<Token, Failure> {
+        if call.lease.is_some_and(|lease| !lease.holds()) {
+            return Err(lease_lost());
+        }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.users
+            .lock()
+            .unwrap()
+            .push(call.user.map(str::to_owned).or_else(|| request.user()));
+        match &request.grant {
+            Grant::RefreshToken { refresh_token } => self
+                .credentials
+                .lock()
+                .unwrap()
+                .push(refresh_token.expose_secret().to_owned()),
+            Grant::AuthorizationCode { code, .. } => self
+                .credentials
+                .lock()
+                .unwrap()
+                .push(code.expose_secret().to_owned()),
+            _ => {}
+        }
         self.grants.lock().unwrap().push(request.grant.kind());
         let _pass = self.gate.acquire().await.expect("the gate stays open");
         let scripted = self.script.lock().unwrap().pop_front();
@@ -93,6 +122,20 @@ fn oauth(error: &str) -> Failure {
     }
 }
 
+fn lease_lost() -> Failure {
+    Failure::Upstream {
+        error: UpstreamError {
+            kind: UpstreamErrorKind::LeaseLost,
+            http_status: None,
+            request_id: None,
+            retry_after: None,
+            oauth: None,
+            not_sent: true,
+        },
+        caller_credentials: false,
+    }
+}
+
 fn unavailable() -> Failure {
     Failure::Upstream {
         error: UpstreamError {
@@ -108,7 +151,7 @@ fn unavailable() -> Failure {
 }
 
 struct Setup {
-    broker: Broker<Arc<Fake>>,
+    broker: Broker<Arc<Fake>, MemoryFleet>,
     fake: Arc<Fake>,
     clock: Arc<ManualClock>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -119,11 +162,18 @@ fn setup() -> Setup {
 }
 
 fn setup_with(expires_in: u64, open: usize) -> Setup {
+    setup_ends(expires_in, open, true)
+}
+
+/// `ends`: `upstream.refresh_ends_access_token`.
+fn setup_ends(expires_in: u64, open: usize, ends: bool) -> Setup {
     let clock = Arc::new(ManualClock(Mutex::new(
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     )));
     let fake = Arc::new(Fake {
         calls: AtomicUsize::new(0),
+        users: Mutex::default(),
+        credentials: Mutex::default(),
         grants: Mutex::default(),
         script: Mutex::default(),
         gate: tokio::sync::Semaphore::new(open),
@@ -139,9 +189,9 @@ fn setup_with(expires_in: u64, open: usize) -> Setup {
             clock: clock.clone(),
             token_url: "https://platform.example/restapi/oauth/token".into(),
             request_timeout: Duration::from_secs(10),
+            refresh_ends_access_token: ends,
             fleet: None,
             guard: Arc::new(RateLimitGuard::new(None)),
-            penalties: None,
             metrics: metrics.clone(),
         },
     );
@@ -261,37 +311,41 @@ async fn a_burst_of_identical_calls_makes_one_upstream_call_and_then_hits_the_ca
 }
 
 #[tokio::test]
-async fn a_hit_carries_the_true_remaining_lifetime_and_scope_order_does_not_matter() {
+async fn a_hit_carries_the_lifetime_up_to_the_planned_renewal_and_scope_order_does_not_matter() {
     let Setup {
         broker,
         fake,
         clock,
         ..
     } = setup();
-    broker.token(ask(jwt())).await.unwrap();
+    let (fresh, _) = broker.token(ask(jwt())).await.unwrap();
+    // The renewal is planned refresh_ahead (5 min), jittered up to a tenth more, before expiry.
+    let planned = (HOUR - 330)..=(HOUR - 300);
+    assert!(planned.contains(&fresh.expires_in.unwrap()), "{fresh:?}");
     clock.advance(Duration::from_secs(600));
     let mut reordered = jwt();
     reordered.scopes.reverse();
     let (token, source) = broker.token(ask(reordered)).await.unwrap();
     assert_eq!(source, Source::Cache);
-    assert_eq!(token.expires_in, Some(HOUR - 600));
+    assert_eq!(token.expires_in, Some(fresh.expires_in.unwrap() - 600));
     assert_eq!(fake.calls(), 1);
 }
 
 #[tokio::test]
-async fn inside_refresh_ahead_a_hit_answers_at_once_and_one_renewal_uses_the_kept_refresh_token() {
+async fn with_refresh_not_ending_the_token_a_hit_in_the_window_answers_at_once_and_renews_once() {
     let Setup {
         broker,
         fake,
         clock,
         ..
-    } = setup_with(HOUR, 1);
+    } = setup_ends(HOUR, 1, false);
     broker.token(ask(jwt())).await.unwrap();
     // Past the jittered renewal point (at most 330 s before expiry), before min_remaining.
     clock.advance(Duration::from_secs(HOUR - 200));
     for _ in 0..20 {
         let (token, source) = broker.token(ask(jwt())).await.unwrap();
         assert_eq!((access(&token), source), ("at-1", Source::Cache));
+        assert_eq!(token.expires_in, Some(200), "its true remaining lifetime");
     }
     settle().await;
     assert_eq!(fake.calls(), 2, "one renewal, however many hits");
@@ -303,7 +357,36 @@ async fn inside_refresh_ahead_a_hit_answers_at_once_and_one_renewal_uses_the_kep
     settle().await;
     let (token, source) = broker.token(ask(jwt())).await.unwrap();
     assert_eq!((access(&token), source), ("at-2", Source::Cache));
-    assert_eq!(token.expires_in, Some(HOUR));
+}
+
+#[tokio::test]
+async fn inside_the_renewal_window_every_caller_waits_for_the_one_renewal_with_the_kept_refresh_token()
+ {
+    let Setup {
+        broker,
+        fake,
+        clock,
+        ..
+    } = setup_with(HOUR, 1);
+    broker.token(ask(jwt())).await.unwrap();
+    clock.advance(Duration::from_secs(HOUR - 200));
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.token(ask(jwt())).await })
+        })
+        .collect();
+    settle().await;
+    assert_eq!(fake.calls(), 2, "one renewal, however many callers");
+    fake.gate.add_permits(10);
+    for call in calls {
+        let (token, _) = call.await.unwrap().unwrap();
+        assert_eq!(access(&token), "at-2", "never the token the renewal ends");
+    }
+    assert_eq!(
+        *fake.grants.lock().unwrap(),
+        [GrantKind::JwtBearer, GrantKind::RefreshToken]
+    );
 }
 
 #[tokio::test]

@@ -1006,7 +1006,7 @@ def test_the_binary_serves_what_the_probes_and_the_test_pod_check(value_set, ren
 # Durations are compared as durations (the binary prints "60s" as "1m"), lists as sets.
 DEFAULTED_KEYS = {
     "server": ["max_concurrent_calls", "max_queued_calls"],
-    "upstream": ["max_connections", "allow_insecure_http"],
+    "upstream": ["max_connections", "allow_insecure_http", "refresh_ends_access_token"],
     "cache": ["backend", "grants", "refresh_ahead", "min_remaining", "replay_window", "max_entries"],
     "cache.redis": ["url", "key_prefix", "timeout"],
     "telemetry": ["otlp_protocol", "service_name", "sample_ratio"],
