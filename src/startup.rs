@@ -20,11 +20,11 @@ use crate::caller::Callers;
 use crate::client::Clients;
 use crate::config::{CacheBackend, Config};
 use crate::direct::Direct;
-use crate::keys::Keys;
+use crate::keys::{Digest, Keys};
 use crate::metrics::Metrics;
 use crate::metrics::grpc::MetricsLayer;
 use crate::proto::token_service_server::TokenServiceServer;
-use crate::rate_limit::RateLimitGuard;
+use crate::rate_limit::{BoxFuture, RateLimitGuard, SharedPenalties};
 use crate::service::TokenGate;
 use crate::tls::ReloadingTls;
 use crate::upstream::Upstream;
@@ -272,8 +272,9 @@ fn broker(
 ) -> Result<Broker<Direct>, StartupError> {
     let cache = &config.cache;
     let keys = Arc::new(Keys::new(cache.key.as_ref()));
-    let (fleet, penalties, told) = match cache.backend {
-        CacheBackend::Memory => (None, None, None),
+    let guard = RateLimitGuard::new(None);
+    let (fleet, guard) = match cache.backend {
+        CacheBackend::Memory => (None, guard),
         CacheBackend::Redis => {
             let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
             let store = RedisStore::start(&cache.redis, keys.clone(), notices_tx)
@@ -284,11 +285,14 @@ fn broker(
                 "Whether Redis answers (1) or not (0).",
                 move || i64::from(up.is_up()),
             );
-            let (told, penalties) = tokio::sync::mpsc::unbounded_channel();
-            (Some((store, notices)), Some(penalties), Some(told))
+            // Past the store's own timeout (which should always end a call first), a
+            // store that hangs costs each attempt at most this.
+            let guard = guard.with_patience(cache.redis.timeout.saturating_mul(2));
+            guard.share(Arc::new(RedisPenalties(store.clone())));
+            (Some((store, notices)), guard)
         }
     };
-    let guard = Arc::new(RateLimitGuard::new(told));
+    let guard = Arc::new(guard);
     let token_url = upstream.token_url().to_string();
     let direct = Direct {
         clients,
@@ -319,7 +323,6 @@ fn broker(
             request_timeout: config.upstream.request_timeout,
             fleet,
             guard,
-            penalties,
             metrics: metrics.clone(),
         },
     );
@@ -342,6 +345,29 @@ fn broker(
         move || i64::try_from(sampled.local_entries()).unwrap_or(i64::MAX),
     );
     Ok(broker)
+}
+
+/// TEMPORARY, until `RedisStore` implements [`SharedPenalties`] itself (the `redis` branch):
+/// then `guard.share(Arc::new(store.clone()))` replaces it. Writes go through
+/// `RedisStore::penalise` (stored and published, awaited); reads find nothing, as this
+/// branch's store has no per-key penalty read, so until then replicas learn each other's
+/// penalties over pub/sub only.
+struct RedisPenalties(RedisStore);
+
+impl SharedPenalties for RedisPenalties {
+    fn read<'a>(&'a self, _keys: &'a [Digest]) -> BoxFuture<'a, Option<std::time::SystemTime>> {
+        Box::pin(async { None })
+    }
+
+    fn write(&self, key: Digest, until: std::time::SystemTime) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let until_unix_ms = until
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            // Down: every replica holds back on its own 429s meanwhile.
+            let _ = self.0.penalise(&key, until_unix_ms).await;
+        })
+    }
 }
 
 fn count(n: usize) -> i64 {

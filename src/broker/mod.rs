@@ -34,7 +34,7 @@ use crate::error::Failure;
 use crate::grant::{Grant, TokenRequest};
 use crate::keys::{Digest, Keys, Purpose};
 use crate::metrics::{Lookup, Metrics};
-use crate::rate_limit::{self as guard, RateLimitGuard};
+use crate::rate_limit::RateLimitGuard;
 use crate::upstream::{Precondition, Token, UpstreamErrorKind};
 
 /// How often a replica that waits for another replica's call looks for its result.
@@ -215,9 +215,9 @@ pub struct Parts<F> {
     pub request_timeout: Duration,
     /// The Redis store, when `backend = "redis"`, with the notices it receives.
     pub fleet: Option<(RedisStore, tokio::sync::mpsc::UnboundedReceiver<Notice>)>,
-    /// The guard that fleet penalties are applied to, and the penalties it reports.
+    /// The guard that pub/sub copies of fleet penalties are applied to (it writes its own
+    /// to Redis itself, before the answer leaves).
     pub guard: Arc<RateLimitGuard>,
-    pub penalties: Option<tokio::sync::mpsc::UnboundedReceiver<guard::Shared>>,
     /// Where lookups are counted (`tokengate_cache_lookups_total`).
     pub metrics: Arc<Metrics>,
 }
@@ -254,9 +254,6 @@ impl<F: Fetch> Broker<F> {
         if let Some(notices) = notices {
             broker.listen(notices, parts.guard.clone());
         }
-        if let (Some(penalties), Some(fleet)) = (parts.penalties, broker.inner.fleet.clone()) {
-            tokio::spawn(tell_fleet(penalties, fleet));
-        }
         broker
     }
 
@@ -267,9 +264,14 @@ impl<F: Fetch> Broker<F> {
         guard: Arc<RateLimitGuard>,
     ) {
         let inner = Arc::downgrade(&self.inner);
+        // Weak: the guard holds the Redis store, whose tasks feed `notices`; a strong
+        // guard here would keep them, and so this task, alive after the broker has gone.
+        let guard = Arc::downgrade(&guard);
         tokio::spawn(async move {
             while let Some(notice) = notices.recv().await {
-                let Some(inner) = inner.upgrade() else { break };
+                let (Some(inner), Some(guard)) = (inner.upgrade(), guard.upgrade()) else {
+                    break;
+                };
                 match notice {
                     Notice::Invalidate(id) => inner.local.invalidate(&id),
                     Notice::Penalty { key, until_unix_ms } => guard.learn(
@@ -474,20 +476,6 @@ impl<F: Fetch> Broker<F> {
             inner.local.invalidate(&id);
             let _ = fleet.delete(&id).await;
         }
-    }
-}
-
-/// Forwards this replica's penalties to the fleet.
-async fn tell_fleet(
-    mut penalties: tokio::sync::mpsc::UnboundedReceiver<guard::Shared>,
-    fleet: RedisStore,
-) {
-    while let Some((key, until)) = penalties.recv().await {
-        let until_unix_ms = until
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        // Down: every replica holds back on its own 429s meanwhile.
-        let _ = fleet.penalise(&key, until_unix_ms).await;
     }
 }
 

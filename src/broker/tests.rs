@@ -141,7 +141,6 @@ fn setup_with(expires_in: u64, open: usize) -> Setup {
             request_timeout: Duration::from_secs(10),
             fleet: None,
             guard: Arc::new(RateLimitGuard::new(None)),
-            penalties: None,
             metrics: metrics.clone(),
         },
     );
