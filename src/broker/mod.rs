@@ -164,6 +164,15 @@ impl<F> std::fmt::Debug for Broker<F> {
     }
 }
 
+/// A [`Broker`] that may have gone: see [`Broker::downgrade`].
+pub struct WeakBroker<F>(std::sync::Weak<Inner<F>>);
+
+impl<F> WeakBroker<F> {
+    pub fn upgrade(&self) -> Option<Broker<F>> {
+        self.0.upgrade().map(|inner| Broker { inner })
+    }
+}
+
 struct Inner<F> {
     fetch: F,
     policy: Policy,
@@ -282,6 +291,12 @@ impl<F: Fetch> Broker<F> {
                 }
             }
         });
+    }
+
+    /// A handle that does not keep the broker alive (for metrics gauges, which the broker's
+    /// own `Metrics` holds: a strong one would be a cycle).
+    pub fn downgrade(&self) -> WeakBroker<F> {
+        WeakBroker(Arc::downgrade(&self.inner))
     }
 
     /// The upstream call the broker wraps (revocation goes straight to it).
