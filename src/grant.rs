@@ -327,6 +327,21 @@ impl TokenRequest {
         }
     }
 
+    /// Whom a 429 for this request penalises besides its client: the user it names, or for
+    /// a refresh, the session its refresh token belongs to (a refresh is one user's, so its
+    /// 429 must not hold back the whole client). Only for [`crate::rate_limit::GuardKeys`],
+    /// which hashes it; `user()` stays free of tokens for any other use.
+    pub fn penalty_user(&self) -> Option<crate::rate_limit::User<'_>> {
+        match &self.grant {
+            Grant::RefreshToken { refresh_token } => {
+                Some(crate::rate_limit::User::Session(refresh_token))
+            }
+            _ => self
+                .user()
+                .map(|user| crate::rate_limit::User::Named(user.into())),
+        }
+    }
+
     /// The form fields of the grant and the common fields; client authentication is added
     /// by [`crate::client::ClientAuth::push_fields`].
     pub fn form_fields(&self) -> Vec<FormField<'_>> {

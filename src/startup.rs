@@ -272,8 +272,9 @@ fn broker(
 ) -> Result<Broker<Direct>, StartupError> {
     let cache = &config.cache;
     let keys = Arc::new(Keys::new(cache.key.as_ref()));
-    let (fleet, penalties, told) = match cache.backend {
-        CacheBackend::Memory => (None, None, None),
+    let guard = RateLimitGuard::new(None);
+    let (fleet, guard) = match cache.backend {
+        CacheBackend::Memory => (None, guard),
         CacheBackend::Redis => {
             let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
             let store = RedisStore::start(&cache.redis, keys.clone(), notices_tx)
@@ -284,11 +285,14 @@ fn broker(
                 "Whether Redis answers (1) or not (0).",
                 move || i64::from(up.is_up()),
             );
-            let (told, penalties) = tokio::sync::mpsc::unbounded_channel();
-            (Some((store, notices)), Some(penalties), Some(told))
+            // Past the store's own timeout (which should always end a call first), a
+            // store that hangs costs each attempt at most this.
+            let guard = guard.with_patience(cache.redis.timeout.saturating_mul(2));
+            guard.share(Arc::new(store.clone()));
+            (Some((store, notices)), guard)
         }
     };
-    let guard = Arc::new(RateLimitGuard::new(told));
+    let guard = Arc::new(guard);
     let token_url = upstream.token_url().to_string();
     let direct = Direct {
         clients,
@@ -303,11 +307,14 @@ fn broker(
         metrics: metrics.clone(),
     };
     tracing::info!(backend = ?cache.backend, "token broker ready");
-    let penalties_in_force = guard.clone();
+    // Every gauge reads through a weak handle: `metrics` is held by the broker (through its
+    // upstream), so a strong one would keep the broker, its guard and the Redis store alive
+    // for good, and their background tasks with them.
+    let penalties_in_force = Arc::downgrade(&guard);
     metrics.sample(
         "tokengate_rate_limit_penalties",
         "Upstream 429 penalties in force on this replica (clients or users held back).",
-        move || count(penalties_in_force.in_force()),
+        move || count(penalties_in_force.upgrade().map_or(0, |g| g.in_force())),
     );
     let broker = Broker::new(
         cache,
@@ -323,23 +330,35 @@ fn broker(
             metrics: metrics.clone(),
         },
     );
-    let sampled = broker.clone();
+    let sampled = broker.downgrade();
     metrics.sample(
         "tokengate_calls_in_flight",
         "Calls holding one of the max_concurrent_calls slots.",
-        move || count(sampled.fetcher().admission.in_flight()),
+        move || {
+            sampled
+                .upgrade()
+                .map_or(0, |b| count(b.fetcher().admission.in_flight()))
+        },
     );
-    let sampled = broker.clone();
+    let sampled = broker.downgrade();
     metrics.sample(
         "tokengate_calls_queued",
         "Calls waiting for a slot.",
-        move || count(sampled.fetcher().admission.queued()),
+        move || {
+            sampled
+                .upgrade()
+                .map_or(0, |b| count(b.fetcher().admission.queued()))
+        },
     );
-    let sampled = broker.clone();
+    let sampled = broker.downgrade();
     metrics.sample(
         "tokengate_cache_entries",
         "Entries in this replica's local cache.",
-        move || i64::try_from(sampled.local_entries()).unwrap_or(i64::MAX),
+        move || {
+            sampled
+                .upgrade()
+                .map_or(0, |b| i64::try_from(b.local_entries()).unwrap_or(i64::MAX))
+        },
     );
     Ok(broker)
 }
@@ -398,5 +417,52 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gauges that read the broker are kept by `Metrics`, which the broker itself holds
+    /// (through its upstream). Strong handles there were a cycle: a dropped service kept
+    /// its broker, guard and Redis store (and so their background tasks) for good.
+    #[tokio::test]
+    async fn a_dropped_broker_is_freed_while_its_metrics_live_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cache.key");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        // Nothing listens there: the store tries to connect in the background and fails.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let config = Config::from_toml(&format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nallow_insecure_http = true\n\
+             [cache]\nbackend = \"redis\"\nkey_file = \"{}\"\n\
+             [cache.redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n",
+            key.display()
+        ))
+        .unwrap();
+        let metrics = Arc::new(Metrics::new([]));
+        let upstream = Upstream::new(&config.upstream, metrics.clone()).unwrap();
+        let clients =
+            Arc::new(Clients::new(&config.clients, upstream.token_url().as_str()).unwrap());
+        let broker = broker(&config, clients, upstream, &metrics).unwrap();
+        let weak = broker.downgrade();
+        let guard = Arc::downgrade(&broker.fetcher().guard);
+        drop(broker);
+
+        // Let the runtime run every task that could still let go of them.
+        for _ in 0..1_000 {
+            if weak.upgrade().is_none() && guard.upgrade().is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(weak.upgrade().is_none(), "the broker outlived every handle");
+        assert!(guard.upgrade().is_none(), "the guard outlived the broker");
+        // A scrape after the broker has gone still answers.
+        let text = metrics.prometheus_text();
+        assert!(text.contains("tokengate_cache_entries 0"), "{text}");
     }
 }

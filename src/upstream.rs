@@ -17,6 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::config::UpstreamConfig;
 use crate::grant::FormField;
 use crate::metrics::{Endpoint, Metrics, RetryCause, UpstreamStatus};
+use crate::rate_limit::BoxFuture;
 
 /// Largest body read from the upstream (contract §6).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -63,12 +64,14 @@ impl std::fmt::Debug for Outgoing<'_> {
     }
 }
 
-/// The upstream's 429 penalty for one request's client (and user).
+/// The upstream's 429 penalty for one request's client (and user), fleet-wide. Async, as
+/// both calls may ask Redis; one boxed future per attempt is noise next to the POST.
 pub trait Penalty: Sync {
-    /// How long sending must still wait, if at all.
-    fn remaining(&self) -> Option<Duration>;
-    /// The upstream answered 429: nothing more is sent for `wait`.
-    fn penalise(&self, wait: Duration);
+    /// How long sending must still wait, if at all, by every replica's penalties.
+    fn remaining(&self) -> BoxFuture<'_, Option<Duration>>;
+    /// The upstream answered 429: nothing more is sent for `wait`. Resolves once every
+    /// replica can see it, so the answer that passes the 429 on leaves after that.
+    fn penalise(&self, wait: Duration) -> BoxFuture<'_, ()>;
 }
 
 /// A condition that must still hold when an attempt is sent: a fleet lease, by its holder's
@@ -391,11 +394,20 @@ impl Upstream {
                     ..UpstreamError::new(UpstreamErrorKind::LeaseLost)
                 });
             }
-            if let Some(wait) = request.penalty.and_then(Penalty::remaining) {
-                return Err(UpstreamError {
-                    not_sent: true,
-                    ..UpstreamError::new(UpstreamErrorKind::Held(wait))
-                });
+            if let Some(penalty) = request.penalty {
+                // Asked before every attempt: another replica's 429 may have landed since.
+                // The check spends the call's own time, like waiting for a connection.
+                let held = match tokio::time::timeout_at(until, penalty.remaining()).await {
+                    Ok(held) => held.map(UpstreamErrorKind::Held),
+                    Err(_elapsed) if callers => Some(UpstreamErrorKind::DeadlineExceeded),
+                    Err(_elapsed) => Some(UpstreamErrorKind::Timeout),
+                };
+                if let Some(kind) = held {
+                    return Err(UpstreamError {
+                        not_sent: true,
+                        ..UpstreamError::new(kind)
+                    });
+                }
             }
             if let Some(cause) = retry.take() {
                 self.metrics.upstream_retry(cause);
@@ -431,7 +443,10 @@ impl Upstream {
             if let (Ok(reply), Some(penalty)) = (&result, request.penalty)
                 && reply.status == StatusCode::TOO_MANY_REQUESTS
             {
-                penalty.penalise(reply.retry_after.unwrap_or(RATE_LIMIT_WAIT));
+                // Awaited: the penalty is shared before this loop retries or answers.
+                penalty
+                    .penalise(reply.retry_after.unwrap_or(RATE_LIMIT_WAIT))
+                    .await;
             }
             let Some(wait) = retry_wait(&result, request.replay, attempt, first_sent) else {
                 return result;

@@ -141,6 +141,15 @@ impl<F, S> std::fmt::Debug for Broker<F, S> {
     }
 }
 
+/// A [`Broker`] that may have gone: see [`Broker::downgrade`].
+pub struct WeakBroker<F, S = RedisStore>(Weak<Inner<F, S>>);
+
+impl<F, S> WeakBroker<F, S> {
+    pub fn upgrade(&self) -> Option<Broker<F, S>> {
+        self.0.upgrade().map(|inner| Broker { inner })
+    }
+}
+
 /// What the broker's parts share.
 pub(crate) struct Inner<F, S> {
     fetch: F,
@@ -258,6 +267,12 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
             ));
         }
         broker
+    }
+
+    /// A handle that does not keep the broker alive (for metrics gauges, which the broker's
+    /// own `Metrics` holds: a strong one would be a cycle).
+    pub fn downgrade(&self) -> WeakBroker<F, S> {
+        WeakBroker(Arc::downgrade(&self.inner))
     }
 
     /// The upstream call the broker wraps (revocation goes straight to it).

@@ -801,13 +801,13 @@ fn a_huge_retry_after_in_the_refresh_window_is_not_waited_for() {
 
 /// The rate-limit guard records whatever wait a 429 carried; this is the path an
 /// authorization-code request (never retried) takes.
-#[test]
-fn the_guard_can_record_any_retry_after() {
+#[tokio::test]
+async fn the_guard_can_record_any_retry_after() {
     let wait = parse_retry_after(&HeaderValue::from_static("10000000000000000000")).unwrap();
     let guard = crate::rate_limit::RateLimitGuard::new(None);
     let keys = crate::keys::Keys::new(None);
     let key = crate::rate_limit::GuardKeys::new(&keys, "my-app", None);
-    guard.penalise(&key, wait);
+    guard.penalise(&key, wait).await;
     assert!(guard.remaining(&key).is_some());
 }
 
