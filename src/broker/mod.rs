@@ -800,18 +800,15 @@ impl<F: Fetch> Inner<F> {
     /// Keeps a result here and, version-checked, in Redis; tells the fleet when it replaced
     /// an entry that others may still hold.
     async fn store(&self, id: &Digest, keep: Keep, settled: Settled, previous: Option<&Entry>) {
-        let expected = match (previous, self.fleet()) {
-            (Some(p), _) => p.version,
-            // Versions outlive deletes: with no entry, a write expects the version Redis has
-            // (an entry written meanwhile has one above 0, so 0 is refused and it stands).
-            (None, Some(fleet)) => fleet
-                .get(id)
-                .await
-                .ok()
-                .filter(|s| s.sealed.is_none())
-                .map_or(0, |s| s.version),
-            (None, None) => 0,
-        };
+        // Versions outlive deletes: with no entry in Redis, a write expects the version Redis
+        // has, as it expected "absent" before (an interim shim until the broker uses them).
+        let mut expected = previous.map_or(0, |p| p.version);
+        if let Some(fleet) = self.fleet()
+            && let Ok(stored) = fleet.get(id).await
+            && stored.sealed.is_none()
+        {
+            expected = stored.version;
+        }
         let mut entry = Entry {
             version: expected + 1,
             keep,
