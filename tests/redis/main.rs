@@ -1,15 +1,23 @@
 //! The broker's Redis store (contract §8) against a real `redis-server` started by testkit:
 //! the version-checked write, TTLs, leases, the token index, pub/sub notices, penalties on
 //! join, outages and rejoins, a wrong password, a cluster, and that nothing stored is readable.
+//! [`versions`]: versions that never go back, conditional deletes, lease extension, penalties
+//! read per key; [`slow`]: one slow reply is not an outage (I8); [`sealed`]: the real binary
+//! stores nothing readable.
+
+mod sealed;
+mod slow;
+mod versions;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::SecretString;
 use testkit::{RedisCluster, RedisServer, Reply};
-use tokengate::broker::redis::{Down, Notice, RedisStore};
+use tokengate::broker::redis::{DOWN_AFTER, Down, Notice, RedisStore, Stored, VERSION_TTL};
 use tokengate::config::{CacheKey, RedisConfig};
 use tokengate::keys::{Digest, Keys, Purpose};
+use tokengate::rate_limit::SharedPenalties;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 const PREFIX: &str = "tg-test:";
@@ -47,6 +55,22 @@ fn replica(url: &str, password: Option<&str>) -> Replica {
 
 fn ident(name: &str) -> Digest {
     keys().digest([b"test-identity".as_slice(), name.as_bytes()])
+}
+
+/// What `get` answers for an entry stored at `version`.
+fn stored(version: u64, sealed: &[u8]) -> Result<Stored, Down> {
+    Ok(Stored {
+        version,
+        sealed: Some(sealed.to_vec()),
+    })
+}
+
+/// What `get` answers for an identity with no entry, whose version is `version`.
+fn absent(version: u64) -> Result<Stored, Down> {
+    Ok(Stored {
+        version,
+        sealed: None,
+    })
 }
 
 fn now_ms() -> u64 {
@@ -98,7 +122,7 @@ async fn until_marker(notices: &mut UnboundedReceiver<Notice>, marker: Digest) -
     let mut before = Vec::new();
     loop {
         match next(notices).await {
-            Notice::Invalidate(id) if id == marker => return before,
+            Notice::Invalidate { id, .. } if id == marker => return before,
             other => before.push(other),
         }
     }
@@ -111,7 +135,7 @@ async fn received_before_marker(
     to: &mut UnboundedReceiver<Notice>,
 ) -> Vec<Notice> {
     let marker = ident(&format!("marker-{}", fastrand::u64(..)));
-    by.invalidate(&marker).await.expect("redis is up");
+    by.invalidate(&marker, 1).await.expect("redis is up");
     until_marker(to, marker).await
 }
 
@@ -136,14 +160,14 @@ async fn a_put_round_trips_and_a_stale_version_does_not_overwrite() {
     let store = &a.store;
     let id = ident("round-trip");
 
-    assert_eq!(store.get(&id).await, Ok(None));
+    assert_eq!(store.get(&id).await, absent(0));
     assert_eq!(
         store
             .put(&id, 0, b"first", Duration::from_secs(60), &[])
             .await,
         Ok(true)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((1, b"first".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(1, b"first"));
     assert!(store.is_up());
 
     // Someone who read "absent" (or version 0) comes second: refused, the value stays.
@@ -153,14 +177,14 @@ async fn a_put_round_trips_and_a_stale_version_does_not_overwrite() {
             .await,
         Ok(false)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((1, b"first".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(1, b"first"));
     assert_eq!(
         store
             .put(&id, 7, b"stale", Duration::from_secs(60), &[])
             .await,
         Ok(false)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((1, b"first".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(1, b"first"));
 
     assert_eq!(
         store
@@ -168,14 +192,14 @@ async fn a_put_round_trips_and_a_stale_version_does_not_overwrite() {
             .await,
         Ok(true)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((2, b"second".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(2, b"second"));
     assert_eq!(
         store
             .put(&id, 1, b"stale", Duration::from_secs(60), &[])
             .await,
         Ok(false)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((2, b"second".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(2, b"second"));
 
     // Concurrent writers with the same expectation: exactly one wins.
     let other = ident("race");
@@ -195,7 +219,7 @@ async fn a_put_round_trips_and_a_stale_version_does_not_overwrite() {
         }
     }
     assert_eq!(wins, 1, "one version-checked write wins");
-    assert_eq!(store.get(&other).await.unwrap().unwrap().0, 1);
+    assert_eq!(store.get(&other).await.unwrap().version, 1);
 
     // Binary values survive as they are (sealed values are arbitrary bytes).
     let bytes: Vec<u8> = (0..=255).collect();
@@ -206,7 +230,7 @@ async fn a_put_round_trips_and_a_stale_version_does_not_overwrite() {
             .await,
         Ok(true)
     );
-    assert_eq!(store.get(&binary).await, Ok(Some((1, bytes))));
+    assert_eq!(store.get(&binary).await, stored(1, &bytes));
 }
 
 #[tokio::test]
@@ -220,7 +244,6 @@ async fn entries_and_their_index_expire_with_their_ttl() {
     assert_eq!(a.store.put(&id, 0, b"value", ttl, &[token]).await, Ok(true));
     for key in [
         format!("{PREFIX}{{{}}}:e", id.hex()),
-        format!("{PREFIX}{{{}}}:v", id.hex()),
         format!("{PREFIX}t:{}", token.hex()),
     ] {
         let left = pttl(&server, &key);
@@ -229,22 +252,34 @@ async fn entries_and_their_index_expire_with_their_ttl() {
             "{key} must carry the TTL, has {left}"
         );
     }
+    // The version outlives the entry (VERSION_TTL): a replica may still hold version 1.
+    let version = format!("{PREFIX}{{{}}}:v", id.hex());
+    let left = pttl(&server, &version);
+    let floor = VERSION_TTL.as_millis() as i64 - 60_000;
+    assert!(left > floor, "{version} keeps the version for {left} ms");
     until("the entry to expire", || async {
-        a.store.get(&id).await == Ok(None)
+        a.store.get(&id).await == absent(1)
     })
     .await;
     until("the token index to expire", || async {
         a.store.find_token(&token).await == Ok(None)
     })
     .await;
-    // The version went with it: "absent" is version 0 again.
+    // The version did not go with it: a writer that expects 0 (it never saw the entry, or
+    // forgot it) is refused, one that expects the version Redis reports writes version 2.
     assert_eq!(
         a.store
-            .put(&id, 0, b"again", Duration::from_secs(60), &[])
+            .put(&id, 0, b"stale", Duration::from_secs(60), &[])
+            .await,
+        Ok(false)
+    );
+    assert_eq!(
+        a.store
+            .put(&id, 1, b"again", Duration::from_secs(60), &[])
             .await,
         Ok(true)
     );
-    assert_eq!(a.store.get(&id).await, Ok(Some((1, b"again".to_vec()))));
+    assert_eq!(a.store.get(&id).await, stored(2, b"again"));
 }
 
 #[tokio::test]
@@ -377,20 +412,26 @@ async fn a_delete_reaches_every_replica() {
             .await,
         Ok(true)
     );
-    a.store.delete(&id).await.unwrap();
-    assert_eq!(b.store.get(&id).await, Ok(None));
-    // A first subscription is no resync: the first notice each sees is the invalidation.
-    assert_eq!(next(&mut b.notices).await, Notice::Invalidate(id));
     assert_eq!(
-        next(&mut a.notices).await,
-        Notice::Invalidate(id),
-        "its own too"
+        a.store.delete(&id).await,
+        Ok(2),
+        "the delete bumps the version"
     );
+    assert_eq!(b.store.get(&id).await, absent(2));
+    // A first subscription is no resync: the first notice each sees is the invalidation,
+    // with the version below which entries are dead.
+    let dead = Notice::Invalidate { id, version: 2 };
+    assert_eq!(next(&mut b.notices).await, dead);
+    assert_eq!(next(&mut a.notices).await, dead, "its own too");
 
     let other = ident("invalidated");
-    b.store.invalidate(&other).await.unwrap();
-    assert_eq!(next(&mut a.notices).await, Notice::Invalidate(other));
-    assert_eq!(next(&mut b.notices).await, Notice::Invalidate(other));
+    b.store.invalidate(&other, 5).await.unwrap();
+    let told = Notice::Invalidate {
+        id: other,
+        version: 5,
+    };
+    assert_eq!(next(&mut a.notices).await, told);
+    assert_eq!(next(&mut b.notices).await, told);
 }
 
 #[tokio::test]
@@ -524,7 +565,7 @@ async fn a_killed_redis_is_down_at_once_and_rejoined_after_its_restart() {
             Err(Down)
         ));
         assert_eq!(a.store.leased(&id).await, Err(Down));
-        assert_eq!(a.store.invalidate(&id).await, Err(Down));
+        assert_eq!(a.store.invalidate(&id, 2).await, Err(Down));
         assert_eq!(a.store.delete(&id).await, Err(Down));
         assert_eq!(a.store.penalise(&id, now_ms() + 10_000).await, Err(Down));
         assert!(!a.store.is_up());
@@ -542,7 +583,7 @@ async fn a_killed_redis_is_down_at_once_and_rejoined_after_its_restart() {
     })
     .await;
     // The data went with the restart (nothing persisted), and the store writes again.
-    assert_eq!(a.store.get(&id).await, Ok(None));
+    assert_eq!(a.store.get(&id).await, absent(0));
     assert_eq!(
         a.store
             .put(&id, 0, b"after", Duration::from_secs(60), &[])
@@ -554,7 +595,7 @@ async fn a_killed_redis_is_down_at_once_and_rejoined_after_its_restart() {
     wait_subscribers(&server, 1).await;
     let b = replica(&server.url(), None);
     let after = ident("after-restart");
-    b.store.invalidate(&after).await.unwrap();
+    b.store.invalidate(&after, 1).await.unwrap();
     assert_eq!(until_marker(&mut a.notices, after).await, vec![]);
 }
 
@@ -610,7 +651,7 @@ async fn a_wrong_password_is_down_and_never_a_panic() {
     // The health check keeps trying and keeps reporting down.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert!(!wrong.store.is_up());
-    assert_eq!(right.store.get(&id).await, Ok(Some((1, b"value".to_vec()))));
+    assert_eq!(right.store.get(&id).await, stored(1, b"value"));
 }
 
 #[tokio::test]
@@ -720,7 +761,7 @@ async fn a_cluster_holds_entries_leases_and_penalties_across_its_nodes() {
                 .await,
             Ok(true)
         );
-        assert_eq!(a.store.get(id).await, Ok(Some((2, b"v2".to_vec()))));
+        assert_eq!(a.store.get(id).await, stored(2, b"v2"));
         assert_eq!(b.store.find_token(&token).await, Ok(Some(*id)));
         let lease = a
             .store
@@ -746,8 +787,17 @@ async fn a_cluster_holds_entries_leases_and_penalties_across_its_nodes() {
         );
     }
 
-    a.store.delete(&ids[0]).await.unwrap();
-    assert_eq!(next(&mut b.notices).await, Notice::Invalidate(ids[0]));
+    assert_eq!(a.store.delete(&ids[0]).await, Ok(3));
+    assert_eq!(
+        next(&mut b.notices).await,
+        Notice::Invalidate {
+            id: ids[0],
+            version: 3
+        }
+    );
+    assert_eq!(a.store.delete_if(&ids[1], 1).await, Ok(None));
+    assert_eq!(a.store.delete_if(&ids[1], 2).await, Ok(Some(3)));
+    assert_eq!(b.store.get(&ids[1]).await, absent(3));
 
     // Penalties spread over the nodes; a replica joining later finds them all.
     let until = now_ms() + 60_000;
@@ -757,6 +807,11 @@ async fn a_cluster_holds_entries_leases_and_penalties_across_its_nodes() {
     for key in &penalised {
         a.store.penalise(key, until).await.unwrap();
     }
+    // Read per key with one MGET, whose keys the crate splits over the nodes' slots.
+    assert_eq!(
+        SharedPenalties::read(&b.store, &penalised).await,
+        Some(UNIX_EPOCH + Duration::from_millis(until))
+    );
     let mut c = replica(&urls, None);
     let mut learned = Vec::new();
     while learned.len() < penalised.len() {
@@ -834,7 +889,7 @@ async fn tls_trusts_the_configured_ca_and_nothing_else() {
             .await,
         Ok(true)
     );
-    assert_eq!(store.get(&id).await, Ok(Some((1, b"value".to_vec()))));
+    assert_eq!(store.get(&id).await, stored(1, b"value"));
     // Pub/sub runs over TLS too.
     assert_eq!(received_before_marker(&store, &mut notices).await, vec![]);
 
