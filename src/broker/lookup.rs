@@ -223,6 +223,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     /// Replaces a replayed result whose token was rejected with a marker that answers
     /// `CREDENTIAL_SPENT` for the rest of its window, here and in Redis.
     async fn spend(&self, id: &Digest, entry: &Entry) {
+        let fleet = self.fleet().await;
+        self.spend_in(fleet, id, entry).await;
+    }
+
+    /// [`Inner::spend`] with the store already in hand (or none).
+    async fn spend_in(&self, fleet: Option<&S>, id: &Digest, entry: &Entry) {
         let now = self.clock.now();
         let left = entry
             .keep
@@ -240,7 +246,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             settled: Settled::Spent,
             upkeep: Upkeep::default(),
         };
-        if let Some(fleet) = self.fleet().await {
+        if let Some(fleet) = fleet {
             let sealed = self.keys.seal(Purpose::Entry, id, &spent.encode());
             match fleet.put(id, entry.version, &sealed, left, &[]).await {
                 Ok(true) => {
@@ -268,10 +274,20 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     }
 
     /// Drops every entry that holds `token` here at once, and in Redis now or, while it is
-    /// down, before this replica reads from it again.
+    /// down, before this replica reads from it again. A replayed one-time grant's result is
+    /// not dropped but spent: dropping it would let an identical request send its code or
+    /// refresh token a second time (I1).
     pub(super) async fn forget(&self, token: &str) {
-        self.revoke_locally(token);
         let digest = self.keys.token_digest(token);
+        if let Some(id) = self.by_token.get(&digest)
+            && let Some(entry) = self.local.get(&id)
+            && replayed(&entry)
+        {
+            self.revoke_locally(token);
+            self.spend(&id, &entry).await;
+        } else {
+            self.revoke_locally(token);
+        }
         if self.fleet.is_none() {
             return;
         }
@@ -287,14 +303,37 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         }
     }
 
-    /// Deletes the fleet's entry holding the token with this digest, if any.
+    /// Drops (or, for a replayed result, spends) the fleet's entry holding the token with
+    /// this digest, if any.
     async fn revoke_in_fleet(&self, fleet: &S, token: &Digest) -> Result<(), super::redis::Down> {
-        if let Some(id) = fleet.find_token(token).await? {
+        let Some(id) = fleet.find_token(token).await? else {
+            return Ok(());
+        };
+        let (_, entry) = self.fleet_entry(fleet, &id).await?;
+        let Some(entry) = entry else {
+            return Ok(());
+        };
+        let holds = entry
+            .tokens()
+            .into_iter()
+            .any(|t| self.keys.token_digest(t) == *token);
+        if !holds {
+            // Renewed since: the token is in no entry any more.
+            return Ok(());
+        }
+        if replayed(&entry) {
+            self.spend_in(Some(fleet), &id, &entry).await;
+        } else {
             let version = fleet.delete(&id).await?;
             self.raise_floor(&id, version);
         }
         Ok(())
     }
+}
+
+/// Whether an entry is a replayed one-time grant's token (a cached one has a renewal point).
+fn replayed(entry: &Entry) -> bool {
+    matches!(entry.settled, Settled::Token(_)) && entry.keep.renew_at.is_none()
 }
 
 /// Whether an entry's refresh token may still be used at `now`.

@@ -81,7 +81,14 @@ impl Fetch for Arc<Fake> {
             _ => {}
         }
         self.grants.lock().unwrap().push(request.grant.kind());
-        let _pass = self.gate.acquire().await.expect("the gate stays open");
+        // An upstream call is bounded by the deadline it is given, as `Upstream::post` is.
+        let _pass = match call.deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, self.gate.acquire()).await {
+                Ok(pass) => pass.expect("the gate stays open"),
+                Err(_) => return Err(upstream_deadline()),
+            },
+            None => self.gate.acquire().await.expect("the gate stays open"),
+        };
         let scripted = self.script.lock().unwrap().pop_front();
         scripted.unwrap_or_else(|| {
             Ok(token(
@@ -116,6 +123,20 @@ fn oauth(error: &str) -> Failure {
                 description: None,
                 error_code: None,
             })),
+            not_sent: false,
+        },
+        caller_credentials: false,
+    }
+}
+
+fn upstream_deadline() -> Failure {
+    Failure::Upstream {
+        error: UpstreamError {
+            kind: UpstreamErrorKind::DeadlineExceeded,
+            http_status: None,
+            request_id: None,
+            retry_after: None,
+            oauth: None,
             not_sent: false,
         },
         caller_credentials: false,

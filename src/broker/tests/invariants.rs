@@ -360,3 +360,26 @@ async fn dropping_the_broker_frees_it_and_its_guard() {
     assert!(inner.upgrade().is_none(), "the broker is freed");
     assert!(guard_left.upgrade().is_none(), "the guard is freed");
 }
+
+// I1 with RevokeToken (found by the model): revoking the token a code or refresh token was
+// exchanged for spends its replayed result instead of dropping it, so an identical request
+// in the window cannot send the credential again.
+#[tokio::test]
+async fn revoking_a_replayed_token_never_lets_its_credential_go_upstream_again() {
+    let (replicas, Setup { fake, .. }) = fleet(2, Duration::from_secs(10));
+    for one_time in [code(), refresh()] {
+        let (token, _) = replicas[0].token(ask(one_time.clone())).await.unwrap();
+        replicas[0].forget(access(&token)).await;
+        for replica in &replicas {
+            let again = replica.token(ask(one_time.clone())).await.unwrap_err();
+            assert!(matches!(again, Failure::CredentialSpent), "{again:?}");
+        }
+    }
+    assert_eq!(*fake.credentials.lock().unwrap(), ["code-1", "caller-rt"]);
+    let Setup { broker, fake, .. } = setup();
+    let (token, _) = broker.token(ask(code())).await.unwrap();
+    broker.forget(access(&token)).await;
+    let again = broker.token(ask(code())).await.unwrap_err();
+    assert!(matches!(again, Failure::CredentialSpent), "{again:?}");
+    assert_eq!(fake.calls(), 1, "the memory backend spends it too");
+}
