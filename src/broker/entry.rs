@@ -72,6 +72,14 @@ impl Upkeep {
         backoff.not_before.is_none_or(|at| now >= at)
     }
 
+    /// When the next renewal may start, while a failed one is being backed off.
+    pub fn next_try(&self) -> Option<SystemTime> {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .not_before
+    }
+
     /// A renewal failed at `now`: the next waits a jittered, doubling delay, capped at `cap`.
     pub fn renewal_failed(&self, now: SystemTime, cap: Duration, jitter: f64) {
         let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());

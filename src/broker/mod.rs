@@ -24,6 +24,8 @@ pub mod lease;
 pub mod lookup;
 #[cfg(test)]
 pub mod memory_fleet;
+#[cfg(test)]
+mod model;
 pub mod policy;
 pub mod redis;
 
@@ -502,7 +504,15 @@ impl<F, S> Inner<F, S> {
         match &entry.settled {
             Settled::Token(token) => {
                 let cached = treatment == Treatment::Cache;
-                let ends = entry.keep.renew_at.filter(|at| cached && now < *at);
+                // Past the planned point, a renewal is backing off; its next try, spending the
+                // kept refresh token, will end this token too.
+                let ends_on_renewal =
+                    self.refresh_ends_access_token && token.refresh_token.is_some();
+                let ends = match entry.keep.renew_at {
+                    Some(at) if cached && now < at => Some(at),
+                    Some(_) if cached && ends_on_renewal => entry.upkeep.next_try(),
+                    _ => None,
+                };
                 Ok((served_from_cache(token, now, !cached, ends), source))
             }
             Settled::Refused {

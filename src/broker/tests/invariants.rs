@@ -210,9 +210,9 @@ async fn a_holder_whose_lease_ran_out_sends_nothing() {
     assert!(!shared.leased(&id).await.unwrap());
 }
 
-// I10: inside the window a caller waits for the renewal; the old token's lifetime was
-// reported up to it; a renewal that fails leaves the old token serving its true lifetime,
-// and the next one backs off (I9).
+// I10: inside the window a caller waits for the renewal; a renewal that fails leaves the old
+// token serving, reported alive until the next try (which will end it), and that try backs
+// off instead of going out on every hit (I9).
 #[tokio::test]
 async fn a_failed_renewal_serves_the_old_token_and_backs_off_instead_of_retrying_per_hit() {
     let Setup {
@@ -227,10 +227,10 @@ async fn a_failed_renewal_serves_the_old_token_and_backs_off_instead_of_retrying
     fake.push(Err(unavailable()));
     let (token, _) = broker.token(ask(jwt())).await.unwrap();
     assert_eq!(access(&token), "at-1", "the old token is still good");
-    assert_eq!(
-        token.expires_in,
-        Some(200),
-        "with its true remaining lifetime"
+    assert!(
+        token.expires_in.is_some_and(|secs| secs <= 1),
+        "reported alive until the next try, which will end it: {:?}",
+        token.expires_in
     );
     assert_eq!(fake.calls(), 3, "the refresh, then the grant once more");
     for _ in 0..20 {
