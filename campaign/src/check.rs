@@ -129,6 +129,9 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
     let faults = input.faults;
 
     // ---- I1 and I2 (the credential sent again) ------------------------------------------
+    // Calls already reported for re-sending their credential: their answer is not reported
+    // a second time.
+    let mut resent_by: HashSet<usize> = HashSet::new();
     let mut by_credential: HashMap<&str, Vec<&PostRec>> = HashMap::new();
     for p in &input.posts {
         if let Some((_, value)) = &p.credential {
@@ -166,6 +169,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 post_line(cur)
             );
             let invariant = if let Some(call) = rejecting {
+                resent_by.insert(call.id);
                 text.push_str(&format!(
                     "\n  the second send came from a call carrying rejected_access_token:\n    {}",
                     call.describe()
@@ -194,7 +198,11 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
 
     // ---- I2 (the answer) ------------------------------------------------------------------
     for call in calls.iter().filter(|c| {
-        c.kind == CallKind::Get && !c.cached && c.credential.is_some() && c.rejected.is_some()
+        c.kind == CallKind::Get
+            && !c.cached
+            && c.credential.is_some()
+            && c.rejected.is_some()
+            && !resent_by.contains(&c.id)
     }) {
         let rejected = call.rejected.as_deref().unwrap_or_default();
         let first = calls

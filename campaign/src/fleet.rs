@@ -254,11 +254,20 @@ timeout = "{redis_timeout}ms"
         let mut out = Vec::new();
         for (index, process) in procs.iter().enumerate() {
             if let Some(process) = process {
-                let lines: Vec<String> = process
+                // The panic's location line and its message, the line after it.
+                let output: Vec<String> = process
                     .stderr()
                     .into_iter()
                     .chain(process.stdout())
-                    .filter(|l| l.contains("panicked"))
+                    .collect();
+                let lines: Vec<String> = output
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.contains("panicked"))
+                    .map(|(i, l)| {
+                        let next = output.get(i + 1).map(String::as_str).unwrap_or_default();
+                        format!("{l} {next}")
+                    })
                     .collect();
                 for line in lines.iter().skip(seen[index]) {
                     out.push((index, line.chars().take(300).collect()));

@@ -103,7 +103,7 @@ struct Done {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args = match parse() {
+    let mut args = match parse() {
         Ok(args) => args,
         Err(e) => {
             if !e.is_empty() {
@@ -113,6 +113,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Each replica runs in a temp dir of its own: the path must not be relative.
+    if let Ok(path) = std::fs::canonicalize(&args.binary) {
+        args.binary = path;
+    }
     if !args.binary.exists() {
         eprintln!(
             "campaign: no tokengate binary at {} (scripts/campaign builds it)",
@@ -273,6 +277,16 @@ async fn main() {
     }
 
     let calls: usize = done.iter().map(|d| d.calls.len()).sum();
+    let all_calls = || done.iter().flat_map(|d| d.calls.iter());
+    let revokes = all_calls()
+        .filter(|c| c.kind == record::CallKind::Revoke)
+        .count();
+    let rejections = all_calls().filter(|c| c.rejected.is_some()).count();
+    let deadline_short = all_calls().filter(|c| c.deadline < 0.5).count();
+    let limited = posts
+        .iter()
+        .filter(|p| matches!(p.answer, record::UpAnswer::RateLimited(_)))
+        .count();
     let mut faults_by_kind: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &all_faults {
         *faults_by_kind.entry(f.kind.name()).or_default() += 1;
@@ -290,7 +304,7 @@ async fn main() {
         }
     };
     println!(
-        "\nsummary: seed {}, {} schedules ({mean:.1} s each), {calls} calls, {posts_total} POSTs ({credential_posts} with a one-time credential), faults: {}; violations: {}",
+        "\nsummary: seed {}, {} schedules ({mean:.1} s each), {calls} calls ({deadline_short} with a short deadline, {rejections} with rejected_access_token, {revokes} RevokeToken), {posts_total} POSTs ({credential_posts} with a one-time credential, {limited} answered 429), faults: {}; violations: {}",
         args.seed,
         done.len(),
         fmt(&faults_by_kind),
