@@ -454,9 +454,11 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 continue;
             }
             let same = c.replica == inv.replica && c.sent > inv.received;
+            // A replica paused or killed in between may not have had the notice yet.
             let other = c.replica != inv.replica
                 && c.sent > inv.received + NOTICE_BOUND
-                && fleet_fault(faults, inv.received, c.sent).is_none();
+                && fleet_fault(faults, inv.received, c.sent).is_none()
+                && replica_fault(faults, c.replica, inv.received, c.received).is_none();
             if (same || other) && seen_i7.insert((inv.id, c.id)) {
                 v(
                     "I7",

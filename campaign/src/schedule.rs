@@ -220,6 +220,9 @@ impl Plan {
             });
         }
 
+        // Under admission pressure one replica gets a burst of distinct calls early on, and
+        // each one-time burst's first caller (a long deadline) may queue behind it: past a lease.
+        let pressured = pressure.then(|| (rng.usize(..replicas), rng.f64() * horizon * 0.3));
         let deadline = |rng: &mut fastrand::Rng| {
             if rng.f64() < 0.4 {
                 0.1 + rng.f64() * 0.3
@@ -231,6 +234,19 @@ impl Plan {
         // joined by a long one on the same replica, maybe a rejection probe after it.
         let burst =
             |rng: &mut fastrand::Rng, actions: &mut Vec<Action>, subject: usize, t0: f64| {
+                if let Some((replica, _)) = pressured
+                    && rng.bool()
+                {
+                    actions.push(Action {
+                        at: t0,
+                        what: What::Call {
+                            replica,
+                            deadline: 6.0,
+                            subject,
+                            reject: false,
+                        },
+                    });
+                }
                 for _ in 0..rng.usize(2..=5) {
                     actions.push(Action {
                         at: t0 + rng.f64() * 0.6,
@@ -324,9 +340,7 @@ impl Plan {
                 _ => {}
             }
         }
-        if pressure {
-            let replica = rng.usize(..replicas);
-            let t0 = rng.f64() * horizon * 0.5;
+        if let Some((replica, t0)) = pressured {
             for i in 0..rng.usize(8..=16) {
                 let subject = subjects.len();
                 subjects.push(Subject::Password {
