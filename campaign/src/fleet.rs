@@ -34,6 +34,7 @@ pub const CACHED_GRANTS: [&str; 2] = ["client_credentials", crate::upstream::JWT
 
 const CHANNEL: &str = "tokengate:notices";
 const JOINED: &str = "connected to redis";
+const REJOINED: &str = "rejoined the fleet";
 const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct Fleet {
@@ -152,7 +153,13 @@ timeout = "{redis_timeout}ms"
         {
             let procs = self.procs.lock().await;
             for process in procs.iter().flatten() {
-                process.wait_for_message(PATIENCE, JOINED).await;
+                // A replica started while Redis was away logs that it rejoined instead.
+                process
+                    .wait_for_event(PATIENCE, |e| {
+                        testkit::message(e)
+                            .is_some_and(|m| m.contains(JOINED) || m.contains(REJOINED))
+                    })
+                    .await;
             }
         }
         let n = self.replicas() as i64;
