@@ -70,7 +70,8 @@ fn fleet_fault(faults: &[Fault], a: f64, b: f64) -> Option<&Fault> {
     faults.iter().find(|f| {
         let end = match f.kind {
             FaultKind::RedisDown => f.end + REJOIN,
-            FaultKind::RedisSlow(d) if 2.0 * d > REDIS_TIMEOUT => f.end + 0.5,
+            // A replica that counted Redis as down during the slowdown rejoins as after an outage.
+            FaultKind::RedisSlow(d) if 2.0 * d > REDIS_TIMEOUT => f.end + REJOIN,
             FaultKind::Pause(_) if f.end - f.start > LEASE => f.end + 0.5,
             FaultKind::Kill(_) => f.end + 0.5,
             _ => return false,
@@ -178,6 +179,17 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
             } else {
                 "I1"
             };
+            if matches!(prev.answer, UpAnswer::Token { ref expires_in, .. } if expires_in.len() > 6)
+                && carrying.iter().any(|c| {
+                    matches!(&c.outcome, Outcome::Err { reason, .. } if reason == "UPSTREAM_BAD_RESPONSE")
+                })
+            {
+                text.push_str(
+                    "\n  the first send was a 200 with an absurd expires_in that tokengate answered \
+                     UPSTREAM_BAD_RESPONSE and did not replay, although the upstream had spent \
+                     the credential",
+                );
+            }
             if prev.abandoned {
                 text.push_str(
                     "\n  the first send was abandoned by tokengate before the upstream answered \

@@ -405,7 +405,7 @@ impl Upstream {
                         let kept = if grant_type == "refresh_token" {
                             record.kept
                         } else {
-                            self.cached_grants.iter().any(|g| *g == grant_type)
+                            self.cached_grants.contains(&grant_type)
                         };
                         state.tokens.insert(
                             access.clone(),
