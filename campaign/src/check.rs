@@ -65,6 +65,24 @@ pub struct Input<'a> {
     pub panics: &'a [(usize, String)],
 }
 
+/// An `expires_in` no clock can add (the upstream's I3 probes).
+fn absurd(expires_in: &str) -> bool {
+    expires_in.parse::<f64>().is_ok_and(|v| v > 1e9)
+}
+
+/// The call reached tokengate and tokengate answered it (not a replica that was down, not
+/// a transport failure, not the caller giving up first).
+fn reached(c: &CallRec) -> bool {
+    match &c.outcome {
+        Outcome::Ok { .. } => true,
+        Outcome::Err { code, reason, .. } => {
+            (!reason.is_empty() && reason != "REPLICA_DOWN")
+                || *code == tonic::Code::DeadlineExceeded
+        }
+        Outcome::ClientDeadline | Outcome::NoAnswer => false,
+    }
+}
+
 /// A fault that excuses a fleet-wide guarantee ("while Redis answers") between `a` and `b`.
 fn fleet_fault(faults: &[Fault], a: f64, b: f64) -> Option<&Fault> {
     faults.iter().find(|f| {
@@ -179,7 +197,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
             } else {
                 "I1"
             };
-            if matches!(prev.answer, UpAnswer::Token { ref expires_in, .. } if expires_in.len() > 6)
+            if matches!(prev.answer, UpAnswer::Token { ref expires_in, .. } if absurd(expires_in))
                 && carrying.iter().any(|c| {
                     matches!(&c.outcome, Outcome::Err { reason, .. } if reason == "UPSTREAM_BAD_RESPONSE")
                 })
@@ -270,7 +288,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 .iter()
                 .filter(|p| p.client == call.client && p.arrived <= call.received)
                 .filter_map(|p| match &p.answer {
-                    UpAnswer::Token { expires_in, .. } if expires_in.len() > 6 => {
+                    UpAnswer::Token { expires_in, .. } if absurd(expires_in) => {
                         Some(format!("POST {} answered expires_in {expires_in}", p.id))
                     }
                     _ => None,
@@ -447,13 +465,10 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
         (CallKind::Revoke, Outcome::Ok { .. }) => {
             c.revoked.as_deref().map(|t| (c, t, "RevokeToken"))
         }
-        (CallKind::Get, _)
-            if c.cached && !matches!(c.outcome, Outcome::NoAnswer | Outcome::ClientDeadline) =>
-        {
-            c.rejected
-                .as_deref()
-                .map(|t| (c, t, "rejected_access_token"))
-        }
+        (CallKind::Get, _) if c.cached && reached(c) => c
+            .rejected
+            .as_deref()
+            .map(|t| (c, t, "rejected_access_token")),
         _ => None,
     });
     let mut seen_i7: HashSet<(usize, usize)> = HashSet::new();
