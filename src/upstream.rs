@@ -197,16 +197,28 @@ fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D:
     #[serde(untagged)]
     enum Seconds<'a> {
         Number(u64),
+        Float(f64),
         Text(Cow<'a, str>),
         Null(()),
     }
+    // Any size is a lifetime: the broker clamps what it keeps and serves (contract §8.1 I3),
+    // and refusing the body would waste a one-time credential the upstream already spent.
+    let whole = |f: f64| (f.is_finite() && f > 0.0).then(|| f as u64).unwrap_or(0);
     match Seconds::deserialize(deserializer)? {
         Seconds::Number(n) => Ok(Some(n)),
-        Seconds::Text(text) => text
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(serde::de::Error::custom),
+        Seconds::Float(f) => Ok(Some(whole(f))),
+        Seconds::Text(text) => {
+            let text = text.trim();
+            match text.parse::<u64>() {
+                Ok(n) => Ok(Some(n)),
+                Err(_) => text
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| !f.is_nan())
+                    .map(|f| Some(whole(f)))
+                    .ok_or_else(|| serde::de::Error::custom("not a number of seconds")),
+            }
+        }
         Seconds::Null(()) => Ok(None),
     }
 }
@@ -883,6 +895,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(error.kind, UpstreamErrorKind::BadResponse(_)));
+    }
+
+    /// A lifetime of any size is a token, never a wasted one-time credential (I3).
+    #[test]
+    fn absurd_lifetimes_are_tokens() {
+        let request = Outgoing {
+            penalty: None,
+            lease: None,
+            fields: vec![],
+            basic: None,
+            replay: Replay::Always,
+        };
+        for (lifetime, seconds) in [
+            ("9.3e18", 9_300_000_000_000_000_000),
+            ("18446744073709551615", u64::MAX),
+            ("1e300", u64::MAX),
+            ("\"1e300\"", u64::MAX),
+            ("36.6", 36),
+            ("-5", 0),
+        ] {
+            let body = format!(
+                r#"{{"access_token":"a","expires_in":{lifetime},"refresh_token_expires_in":{lifetime}}}"#
+            );
+            let token = decode_token(&reply(200, &body), &request).unwrap();
+            assert_eq!(token.expires_in, Some(seconds), "{lifetime}");
+            assert_eq!(token.refresh_token_expires_in, Some(seconds), "{lifetime}");
+        }
     }
 }
 
