@@ -1,6 +1,8 @@
 //! Single-flight per identity on one replica: the first call for an identity starts its
 //! flight, later ones join it, and each waits for the result within its own deadline only
-//! (contract §8.1 I5). Whether a new flight is needed is decided under the map's lock, after
+//! (contract §8.1 I5). A flight is bounded by its first caller's deadline (none for a
+//! one-time credential); a caller that outlives that bound and finds the flight cut short by
+//! it starts over instead of failing. Whether a new flight is needed is decided under the map's lock, after
 //! a last look at what the previous flight kept, so a call that missed just before a flight
 //! landed never starts a second one.
 
@@ -31,8 +33,8 @@ pub enum FlightResult {
 
 /// What joining found.
 pub enum Joined {
-    /// A flight was running; wait on it.
-    Running(watch::Receiver<Option<Landed>>),
+    /// A flight was running, bounded by this deadline; wait on it.
+    Running(watch::Receiver<Option<Landed>>, Option<Instant>),
     /// No flight, but the last one kept an answer (checked under the lock).
     Answered(Box<Landed>),
     /// This call starts the flight: run it and [`Flights::land`] its result.
@@ -42,25 +44,36 @@ pub enum Joined {
 /// The flights in progress on this replica.
 #[derive(Default)]
 pub struct Flights {
-    running: Mutex<HashMap<Digest, watch::Receiver<Option<Landed>>>>,
+    running: Mutex<HashMap<Digest, Running>>,
+}
+
+/// A flight in progress: where its result arrives, and the deadline that bounds it.
+struct Running {
+    landed: watch::Receiver<Option<Landed>>,
+    deadline: Option<Instant>,
 }
 
 impl Flights {
     /// Joins the flight for `id`, or, when none runs, asks `kept` for an answer that
     /// landed meanwhile, or starts one. All three under one lock: a flight lands (keeps its
     /// result) before it leaves the map.
-    pub fn join_or_start(&self, id: Digest, kept: impl FnOnce() -> Option<Landed>) -> Joined {
+    pub fn join_or_start(
+        &self,
+        id: Digest,
+        deadline: Option<Instant>,
+        kept: impl FnOnce() -> Option<Landed>,
+    ) -> Joined {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(receiver) = running.get(&id)
-            && receiver.has_changed().is_ok()
+        if let Some(flight) = running.get(&id)
+            && flight.landed.has_changed().is_ok()
         {
-            return Joined::Running(receiver.clone());
+            return Joined::Running(flight.landed.clone(), flight.deadline);
         }
         if let Some(answer) = kept() {
             return Joined::Answered(Box::new(answer));
         }
-        let (sender, receiver) = watch::channel(None);
-        running.insert(id, receiver);
+        let (sender, landed) = watch::channel(None);
+        running.insert(id, Running { landed, deadline });
         Joined::Started(sender)
     }
 
@@ -70,10 +83,33 @@ impl Flights {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if running
             .get(id)
-            .is_some_and(|r| r.same_channel(&sender.subscribe()))
+            .is_some_and(|r| r.landed.same_channel(&sender.subscribe()))
         {
             running.remove(id);
         }
+    }
+}
+
+/// Whether a caller with deadline `own` outlives a flight bounded by `flight`.
+pub fn outlives(own: Option<Instant>, flight: Option<Instant>) -> bool {
+    match (own, flight) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(own), Some(flight)) => own > flight,
+    }
+}
+
+/// Whether a failure may be the flight's deadline cutting it short: a deadline, or an
+/// upstream wait (`Retry-After`) that the flight did not wait out because it would not fit.
+pub fn cut_short(failure: &Failure) -> bool {
+    match failure {
+        Failure::DeadlineExceeded => true,
+        Failure::Upstream { error, .. } => {
+            error.kind == crate::upstream::UpstreamErrorKind::DeadlineExceeded
+                || (error.retry_after.is_some()
+                    && error.kind != crate::upstream::UpstreamErrorKind::OAuth)
+        }
+        _ => false,
     }
 }
 

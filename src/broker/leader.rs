@@ -54,6 +54,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         request: &TokenRequest,
         treatment: Treatment,
         previous: Option<Arc<Entry>>,
+        deadline: Option<Instant>,
     ) -> Landed {
         let (lease, expected, renewing) = match self.take_lease(&id, treatment).await {
             Leased::Answered(entry) => return self.served(&entry, treatment, true),
@@ -72,7 +73,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         };
         let held: Option<&dyn Precondition> = lease.as_ref().map(|l| l.clock() as _);
         let result = self
-            .fetch_fresh(request, treatment, renewing.as_deref(), held)
+            .fetch_fresh(request, treatment, renewing.as_deref(), held, deadline)
             .await;
         let landed = self
             .settle(&id, request, treatment, previous, expected, result)
@@ -157,11 +158,11 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         treatment: Treatment,
         renewing: Option<&Entry>,
         lease: Option<&dyn Precondition>,
+        deadline: Option<Instant>,
     ) -> Result<Token, Failure> {
         let user = request.user();
-        // No caller's deadline: a flight serves every caller that joins it (I5).
         let call = Call {
-            deadline: None,
+            deadline,
             lease,
             user: user.as_deref(),
         };

@@ -24,8 +24,6 @@ pub mod lease;
 pub mod lookup;
 #[cfg(test)]
 pub mod memory_fleet;
-#[cfg(test)]
-mod model;
 pub mod policy;
 pub mod redis;
 
@@ -75,6 +73,14 @@ pub struct Call<'a> {
     /// with a kept refresh token is for the user of the grant that got it).
     pub user: Option<&'a str>,
 }
+
+/// A flight joined or started: where its result arrives, whether this call started it, and
+/// the deadline that bounds it.
+type Flying = (
+    tokio::sync::watch::Receiver<Option<Landed>>,
+    bool,
+    Option<Instant>,
+);
 
 /// Wall-clock time, a seam so tests can drive expiry and renewal.
 pub trait Clock: Send + Sync + 'static {
@@ -347,8 +353,13 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
                 Some(_) => Lookup::Stale,
                 None => Lookup::Miss,
             };
-            let (receiver, led) =
-                match self.join_or_start_flight(id, request.clone(), treatment, previous) {
+            // Bounded by this caller's deadline, unless the credential works once: then the
+            // flight goes on until its result is kept.
+            let bound = ask
+                .deadline
+                .filter(|_| !policy::spends_credential(request.grant.kind()));
+            let (receiver, led, flight_deadline) =
+                match self.join_or_start_flight(id, request.clone(), treatment, previous, bound) {
                     Ok(joined) => joined,
                     Err(answered) => {
                         *lookup = Lookup::Coalesced;
@@ -367,6 +378,10 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
                     // Its lease ran out before it sent anything: another replica took over.
                     Err(Failure::Upstream { error, .. })
                         if error.kind == UpstreamErrorKind::LeaseLost => {}
+                    // Cut short by a deadline shorter than this caller's own: start over (I5).
+                    Err(failure)
+                        if flight::cut_short(&failure)
+                            && flight::outlives(ask.deadline, flight_deadline) => {}
                     Err(failure) => return Err(failure),
                 },
                 FlightResult::Vanished => {}
@@ -388,7 +403,7 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
         let span = tracing::info_span!(parent: None, "renewal");
         span.follows_from(tracing::Span::current());
         let _entered = span.enter();
-        drop(self.join_or_start_flight(id, request, treatment, Some(entry)));
+        drop(self.join_or_start_flight(id, request, treatment, Some(entry), None));
     }
 
     /// Starts the renewal of a cached entry that callers use at its planned point by itself,
@@ -436,11 +451,12 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
         request: Arc<TokenRequest>,
         treatment: Treatment,
         previous: Option<Arc<Entry>>,
-    ) -> Result<(tokio::sync::watch::Receiver<Option<Landed>>, bool), Box<Landed>> {
+        deadline: Option<Instant>,
+    ) -> Result<Flying, Box<Landed>> {
         let inner = &self.inner;
         let kept = || inner.landed_meanwhile(&id, treatment, previous.as_ref());
-        let sender = match inner.flights.join_or_start(id, kept) {
-            Joined::Running(receiver) => return Ok((receiver, false)),
+        let sender = match inner.flights.join_or_start(id, deadline, kept) {
+            Joined::Running(receiver, bound) => return Ok((receiver, false, bound)),
             Joined::Answered(answer) => return Err(answer),
             Joined::Started(sender) => sender,
         };
@@ -450,12 +466,14 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
         // above all) is kept even when every caller that waited for it has gone.
         tokio::spawn(
             async move {
-                let landed = inner.lead(id, &request, treatment, previous).await;
+                let landed = inner
+                    .lead(id, &request, treatment, previous, deadline)
+                    .await;
                 inner.flights.land(&id, &sender, landed);
             }
             .instrument(tracing::Span::current()),
         );
-        Ok((receiver, true))
+        Ok((receiver, true, deadline))
     }
 
     /// Drops every entry that holds `token` (as access or refresh token), on every replica.

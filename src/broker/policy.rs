@@ -170,6 +170,15 @@ impl Policy {
     }
 }
 
+/// Whether a grant's credential works once (contract §8.1 I1): its flight goes on until its
+/// result is kept, whatever the deadlines of the callers waiting for it.
+pub fn spends_credential(grant: GrantKind) -> bool {
+    matches!(
+        grant,
+        GrantKind::AuthorizationCode | GrantKind::RefreshToken | GrantKind::Otp | GrantKind::IvrPin
+    )
+}
+
 /// Whether a kept entry may answer now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {

@@ -398,7 +398,8 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         .map(|process| process.output())
         .join("\n");
     assert!(
-        logs.contains("the cached token was rejected"),
+        // Cached or replayed: the mock answers every grant with the same token.
+        logs.contains("token was rejected"),
         "the rejection path ran"
     );
     assert!(

@@ -103,34 +103,39 @@ async fn an_absurd_expires_in_gives_a_token_and_never_a_panic() {
     }
 }
 
-// I5: a caller is never failed by another caller's deadline.
+// I5: a caller is never failed by another caller's deadline. A one-time credential's flight
+// carries no deadline and goes on; any other flight is bounded by its first caller's, and a
+// caller that outlives it starts over when it was cut short.
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_joins_a_short_deadline_flight_gets_its_token() {
-    let Setup { broker, fake, .. } = setup_with(HOUR, 0);
-    let hasty = Ask {
-        deadline: Some(Instant::now() + Duration::from_millis(300)),
-        ..ask(jwt())
-    };
-    let patient = Ask {
-        deadline: Some(Instant::now() + Duration::from_secs(10)),
-        ..ask(jwt())
-    };
-    let first = tokio::spawn({
-        let broker = broker.clone();
-        async move { broker.token(hasty).await }
-    });
-    settle().await;
-    let second = tokio::spawn({
-        let broker = broker.clone();
-        async move { broker.token(patient).await }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    fake.gate.add_permits(1);
-    let failed = first.await.unwrap().unwrap_err();
-    assert!(matches!(failed, Failure::DeadlineExceeded), "{failed:?}");
-    let (token, _) = second.await.unwrap().unwrap();
-    assert_eq!(access(&token), "at-1");
-    assert_eq!(fake.calls(), 1);
+    for (request, calls) in [(refresh(), 1), (jwt(), 2)] {
+        let Setup { broker, fake, .. } = setup_with(HOUR, 0);
+        let hasty = Ask {
+            deadline: Some(Instant::now() + Duration::from_millis(300)),
+            ..ask(request.clone())
+        };
+        let patient = Ask {
+            deadline: Some(Instant::now() + Duration::from_secs(10)),
+            ..ask(request.clone())
+        };
+        let first = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.token(hasty).await }
+        });
+        settle().await;
+        let second = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.token(patient).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fake.gate.add_permits(1);
+        let failed = first.await.unwrap().unwrap_err();
+        assert!(matches!(failed, Failure::DeadlineExceeded), "{failed:?}");
+        let (token, _) = second.await.unwrap().unwrap();
+        assert_eq!(access(&token), format!("at-{calls}"), "{:?}", request.grant.kind());
+        assert_eq!(fake.calls(), calls, "{:?}", request.grant.kind());
+        assert!(fake.credentials.lock().unwrap().len() <= 1, "sent once at most");
+    }
 }
 
 // A request that missed just before a flight landed does not start a second call (the
@@ -147,7 +152,7 @@ async fn a_call_that_missed_just_before_a_flight_landed_starts_no_second_call() 
     );
     broker.token(ask(request.clone())).await.unwrap();
     // Where a call stands that found nothing before that flight kept its result.
-    let joined = broker.join_or_start_flight(id, Arc::new(request), Treatment::Cache, None);
+    let joined = broker.join_or_start_flight(id, Arc::new(request), Treatment::Cache, None, None);
     let answered = joined.expect_err("the kept result answers");
     assert_eq!(access(&answered.unwrap().0), "at-1");
     settle().await;
