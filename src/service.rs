@@ -342,7 +342,7 @@ fn finish<T>(
                     let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
                     format!("invalid field(s): {}", fields.join(", "))
                 }
-                Failure::Client(ClientError::Signing(detail)) => detail.clone(),
+                Failure::Client(ClientError::Signing(error)) => error.to_string(),
                 // Its message quotes the caller's client_id, which no log line may hold.
                 Failure::Client(ClientError::Unknown(_)) => {
                     "the client_id is not registered and public clients are not allowed".to_owned()

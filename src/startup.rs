@@ -48,6 +48,13 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::BuildError),
+    #[error(transparent)]
+    Clients(#[from] crate::client::ClientsError),
+    /// Reflection or the Redis store, which report in words.
     #[error("{0}")]
     Setup(String),
     #[error("server failed: {0}")]
@@ -94,9 +101,7 @@ impl Application {
             None => None,
         };
         let tls = match &config.server.tls {
-            Some(tls) => Some(Arc::new(
-                ReloadingTls::new(tls.files()).map_err(StartupError::Setup)?,
-            )),
+            Some(tls) => Some(Arc::new(ReloadingTls::new(tls.files())?)),
             None => None,
         };
         let metrics = Arc::new(Metrics::new(
@@ -115,11 +120,11 @@ impl Application {
                 move || served.not_after(),
             );
         }
-        let upstream =
-            Upstream::new(&config.upstream, metrics.clone()).map_err(StartupError::Setup)?;
-        let clients = Clients::new(&config.clients, upstream.token_url().as_str())
-            .map_err(StartupError::Setup)?;
-        let clients = Arc::new(clients);
+        let upstream = Upstream::new(&config.upstream, metrics.clone())?;
+        let clients = Arc::new(Clients::new(
+            &config.clients,
+            upstream.token_url().as_str(),
+        )?);
         let broker = broker(config, clients.clone(), upstream, &metrics)?;
         Ok(Self {
             listener,
