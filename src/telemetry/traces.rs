@@ -21,7 +21,6 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
 };
-use tonic::metadata::{KeyRef, MetadataMap};
 use tracing::{Level, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer;
@@ -309,20 +308,20 @@ impl<E: SpanExporter> SpanExporter for ReportOnce<E> {
 static PROPAGATOR: LazyLock<TraceContextPropagator> = LazyLock::new(TraceContextPropagator::new);
 
 /// Makes `span` (a call's span, just created) a child of the caller's `traceparent`, when
-/// the metadata carries a valid one; `tracestate` comes along.
-pub fn continue_trace(span: &tracing::Span, metadata: &MetadataMap) {
-    if !metadata.contains_key("traceparent") {
+/// the call's metadata (its HTTP/2 headers) carries a valid one; `tracestate` comes along.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !headers.contains_key("traceparent") {
         return;
     }
-    let parent = PROPAGATOR.extract(&Metadata(metadata));
+    let parent = PROPAGATOR.extract(&Metadata(headers));
     if parent.span().span_context().is_valid() {
         // Only fails when the span is disabled or already started; neither loses a call.
         let _ = span.set_parent(parent);
     }
 }
 
-/// gRPC metadata as the propagator reads it (ASCII entries only).
-struct Metadata<'a>(&'a MetadataMap);
+/// gRPC metadata as the propagator reads it (ASCII entries only: not the `-bin` ones).
+struct Metadata<'a>(&'a http::HeaderMap);
 
 impl Extractor for Metadata<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -332,10 +331,8 @@ impl Extractor for Metadata<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0
             .keys()
-            .filter_map(|key| match key {
-                KeyRef::Ascii(key) => Some(key.as_str()),
-                KeyRef::Binary(_) => None,
-            })
+            .map(http::HeaderName::as_str)
+            .filter(|key| !key.ends_with("-bin"))
             .collect()
     }
 }
