@@ -47,25 +47,63 @@ impl SigningAlg {
     }
 }
 
-/// Reads and parses a PEM private key for `alg`, refusing keys of the wrong type.
-pub fn load_private_key(path: &Path, alg: SigningAlg) -> Result<EncodingKey, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cannot read private_key_file {}: {e}", path.display()))?;
-    parse_private_key(&pem, alg).map_err(|e| format!("private_key_file {}: {e}", path.display()))
+/// Why a PEM private key cannot sign for its algorithm.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("HS256 signs with the client secret, not a key file")]
+    SharedSecret,
+    #[error("not a {alg:?} private key in PEM form ({source})")]
+    NotPem {
+        alg: SigningAlg,
+        source: jsonwebtoken::errors::Error,
+    },
+    /// It parsed, but cannot sign: e.g. a P-384 key for ES256.
+    #[error("the key cannot sign {alg:?}: {source}")]
+    CannotSign {
+        alg: SigningAlg,
+        source: jsonwebtoken::errors::Error,
+    },
 }
 
-fn parse_private_key(pem: &[u8], alg: SigningAlg) -> Result<EncodingKey, String> {
+/// Why a `private_key_file` cannot be used; config validation prints it as its reason.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read private_key_file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("private_key_file {}: {source}", path.display())]
+    Key { path: PathBuf, source: KeyError },
+}
+
+/// A client assertion that could not be signed. Cloned with the call failure that holds it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot sign the client assertion: {0}")]
+pub struct SignError(#[source] jsonwebtoken::errors::Error);
+
+/// Reads and parses a PEM private key for `alg`, refusing keys of the wrong type.
+pub fn load_private_key(path: &Path, alg: SigningAlg) -> Result<EncodingKey, KeyFileError> {
+    let pem = std::fs::read(path).map_err(|source| KeyFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_private_key(&pem, alg).map_err(|source| KeyFileError::Key {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_private_key(pem: &[u8], alg: SigningAlg) -> Result<EncodingKey, KeyError> {
     let key = match alg {
         SigningAlg::RS256 | SigningAlg::PS256 => EncodingKey::from_rsa_pem(pem),
         SigningAlg::ES256 => EncodingKey::from_ec_pem(pem),
-        SigningAlg::HS256 => {
-            return Err("HS256 signs with the client secret, not a key file".into());
-        }
+        SigningAlg::HS256 => return Err(KeyError::SharedSecret),
     }
-    .map_err(|e| format!("not a {alg:?} private key in PEM form ({e})"))?;
+    .map_err(|source| KeyError::NotPem { alg, source })?;
     // A P-384 key parses as EC but cannot sign ES256: prove the pair works now, not per call.
     jsonwebtoken::encode(&Header::new(alg.jws()), &serde_json::json!({}), &key)
-        .map_err(|e| format!("the key cannot sign {alg:?}: {e}"))?;
+        .map_err(|source| KeyError::CannotSign { alg, source })?;
     Ok(key)
 }
 
@@ -142,9 +180,11 @@ impl Signer {
         key_id: Option<String>,
         audience: String,
         path: &Path,
-    ) -> Result<Self, String> {
-        let metadata = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read private_key_file {}: {e}", path.display()))?;
+    ) -> Result<Self, KeyFileError> {
+        let metadata = std::fs::metadata(path).map_err(|source| KeyFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let key = load_private_key(path, alg)?;
         let current = RwLock::new((Arc::new(key), FileStamp::of(&metadata)));
         Ok(Self {
@@ -180,7 +220,7 @@ impl Signer {
     }
 
     /// Signs a fresh assertion for one request.
-    pub fn sign(&self) -> Result<SecretString, String> {
+    pub fn sign(&self) -> Result<SecretString, SignError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -208,9 +248,7 @@ impl Signer {
                 jsonwebtoken::encode(&header, &claims, &key)
             }
         };
-        signed
-            .map(SecretString::from)
-            .map_err(|e| format!("cannot sign the client assertion: {e}"))
+        signed.map(SecretString::from).map_err(SignError)
     }
 
     /// Re-reads the key file if it changed since the last read, and says how that went
@@ -231,10 +269,12 @@ impl Signer {
         if stamp == last {
             return None;
         }
-        let parsed = match tokio::fs::read(path).await {
-            Ok(pem) => parse_private_key(&pem, self.alg),
-            Err(e) => Err(e.to_string()),
-        };
+        // Logged as it is: the bare reason, the path is a field of the line.
+        let parsed: Result<_, Box<dyn std::error::Error + Send + Sync>> =
+            match tokio::fs::read(path).await {
+                Ok(pem) => parse_private_key(&pem, self.alg).map_err(Into::into),
+                Err(e) => Err(e.into()),
+            };
         let mut current = current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -352,7 +392,11 @@ mod tests {
 
     #[test]
     fn keys_of_the_wrong_type_are_refused_at_load() {
-        let refused = |file: &str, alg| load_private_key(&fixture(file), alg).unwrap_err();
+        let refused = |file: &str, alg| {
+            load_private_key(&fixture(file), alg)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(refused("ec-p256.pem", SigningAlg::RS256).contains("RS256"));
         assert!(refused("rsa-a.pem", SigningAlg::ES256).contains("ES256"));
         assert!(

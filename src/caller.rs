@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
+use http::HeaderMap;
 use sha2::{Digest as _, Sha256};
-use tonic::metadata::MetadataMap;
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use crate::config::{CallerConfig, parse_sha256};
@@ -18,7 +18,7 @@ pub struct Callers {
 }
 
 /// A caller that could not be identified while callers are registered.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Unauthenticated;
 
 impl Callers {
@@ -44,11 +44,12 @@ impl Callers {
         !self.by_san.is_empty() || !self.by_key_sha256.is_empty()
     }
 
-    /// The caller's name; `None` when no callers are registered.
+    /// The caller's name; `None` when no callers are registered. `headers` are the call's
+    /// HTTP/2 headers, its gRPC metadata.
     pub fn identify(
         &self,
         peer_certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-        metadata: &MetadataMap,
+        headers: &HeaderMap,
     ) -> Result<Option<&str>, Unauthenticated> {
         if !self.enabled() {
             return Ok(None);
@@ -60,7 +61,7 @@ impl Callers {
                 }
             }
         }
-        let bearer = metadata
+        let bearer = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
@@ -113,8 +114,8 @@ mod tests {
         }
     }
 
-    fn bearer(key: &str) -> MetadataMap {
-        let mut metadata = MetadataMap::new();
+    fn bearer(key: &str) -> HeaderMap {
+        let mut metadata = HeaderMap::new();
         metadata.insert("authorization", format!("Bearer {key}").parse().unwrap());
         metadata
     }
@@ -122,7 +123,7 @@ mod tests {
     #[test]
     fn with_no_callers_everyone_may_call() {
         assert_eq!(
-            Callers::new(&[]).identify(None, &MetadataMap::new()),
+            Callers::new(&[]).identify(None, &HeaderMap::new()),
             Ok(None)
         );
     }
@@ -139,7 +140,7 @@ mod tests {
             Err(Unauthenticated)
         );
         assert_eq!(
-            callers.identify(None, &MetadataMap::new()),
+            callers.identify(None, &HeaderMap::new()),
             Err(Unauthenticated)
         );
     }
@@ -158,12 +159,12 @@ mod tests {
 
         let by_uri = Callers::new(&[caller("billing", Some(spiffe), None)]);
         assert_eq!(
-            by_uri.identify(Some(&certs), &MetadataMap::new()),
+            by_uri.identify(Some(&certs), &HeaderMap::new()),
             Ok(Some("billing"))
         );
         let by_dns = Callers::new(&[caller("billing", Some("billing.internal"), None)]);
         assert_eq!(
-            by_dns.identify(Some(&certs), &MetadataMap::new()),
+            by_dns.identify(Some(&certs), &HeaderMap::new()),
             Ok(Some("billing"))
         );
         let other = Callers::new(&[caller(
@@ -172,7 +173,7 @@ mod tests {
             None,
         )]);
         assert_eq!(
-            other.identify(Some(&certs), &MetadataMap::new()),
+            other.identify(Some(&certs), &HeaderMap::new()),
             Err(Unauthenticated)
         );
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::assertion::Signer;
+use crate::assertion::{KeyFileError, SignError, Signer};
 
 use crate::config::{AuthMethod, ClientsConfig};
 use crate::grant::{CLIENT_ASSERTION_TYPE, FormField, GrantKind};
@@ -155,7 +155,23 @@ pub enum ClientError {
     CallerNotAllowed { caller: String, client_id: String },
     /// The client's assertion could not be signed: a server-side fault, logged in full.
     #[error("the client assertion could not be signed")]
-    Signing(String),
+    Signing(SignError),
+}
+
+/// Why the registered clients cannot be indexed. Config validation refuses the same
+/// settings first, with the same words.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientsError {
+    #[error("client {client_id:?}: {source}")]
+    KeyFile {
+        client_id: String,
+        source: KeyFileError,
+    },
+    #[error("client {client_id:?}: auth_method {method} does not match its credentials")]
+    Mismatch {
+        client_id: String,
+        method: &'static str,
+    },
 }
 
 impl Clients {
@@ -172,7 +188,7 @@ impl Clients {
 
     /// Indexes the validated config and loads signing keys. `token_url` is the default
     /// audience of signed assertions. Fails only where config validation already refuses.
-    pub fn new(config: &ClientsConfig, token_url: &str) -> Result<Self, String> {
+    pub fn new(config: &ClientsConfig, token_url: &str) -> Result<Self, ClientsError> {
         let mut by_id = HashMap::with_capacity(config.registered.len());
         for c in &config.registered {
             let audience = || {
@@ -195,15 +211,17 @@ impl Clients {
                         audience(),
                         path,
                     )
-                    .map_err(|e| format!("client {:?}: {e}", c.client_id))?;
+                    .map_err(|source| ClientsError::KeyFile {
+                        client_id: c.client_id.clone(),
+                        source,
+                    })?;
                     Method::Signed(Arc::new(signer))
                 }
                 (method, _, _) => {
-                    return Err(format!(
-                        "client {:?}: auth_method {} does not match its credentials",
-                        c.client_id,
-                        method.as_str()
-                    ));
+                    return Err(ClientsError::Mismatch {
+                        client_id: c.client_id.clone(),
+                        method: method.as_str(),
+                    });
                 }
             };
             by_id.insert(

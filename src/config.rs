@@ -11,7 +11,7 @@ use figment::providers::{Env, Format as _, Serialized, Toml};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::assertion::{SigningAlg, load_private_key};
+use crate::assertion::{KeyFileError, SigningAlg, load_private_key};
 use crate::grant::GrantKind;
 
 /// Prefix of the environment variables that override config keys.
@@ -114,14 +114,15 @@ impl TelemetryConfig {
                 .filter(|v| !v.trim().is_empty())
                 .map(|value| (name, value))
         };
-        let invalid = |name: &str, e: String| ConfigError::Invalid(format!("{name} {e}"));
+        let invalid =
+            |name: &str, e: &dyn std::fmt::Display| ConfigError::Invalid(format!("{name} {e}"));
         if self.otlp_endpoint.is_none() {
             // The traces variable is the full URL, the generic one a base URL.
             if let Some((name, url)) = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-                check_endpoint(&url).map_err(|e| invalid(name, e))?;
+                check_endpoint(&url).map_err(|e| invalid(name, &e))?;
                 self.otlp_traces_endpoint = Some(url);
             } else if let Some((name, base)) = set("OTEL_EXPORTER_OTLP_ENDPOINT") {
-                check_endpoint(&base).map_err(|e| invalid(name, e))?;
+                check_endpoint(&base).map_err(|e| invalid(name, &e))?;
                 self.otlp_endpoint = Some(base);
             }
         }
@@ -140,7 +141,7 @@ impl TelemetryConfig {
                 Some((name, text)) => OtlpProtocol::parse(text.trim()).ok_or_else(|| {
                     invalid(
                         name,
-                        format!("{text:?} is not supported: use grpc or http/protobuf"),
+                        &format!("{text:?} is not supported: use grpc or http/protobuf"),
                     )
                 })?,
                 None => OtlpProtocol::Grpc,
@@ -190,15 +191,29 @@ impl TelemetryConfig {
 
 /// An OTLP endpoint is an http(s) URL with a host and no credentials (those belong in
 /// `OTEL_EXPORTER_OTLP_HEADERS`, which check-config never prints).
-fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let url = reqwest::Url::parse(endpoint).map_err(|e| format!("is not a URL: {e}"))?;
+fn check_endpoint(endpoint: &str) -> Result<(), EndpointError> {
+    let url = reqwest::Url::parse(endpoint).map_err(EndpointError::NotAUrl)?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err("must be an http:// or https:// URL with a host".into());
+        return Err(EndpointError::NotHttp);
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("must not hold credentials; pass them in OTEL_EXPORTER_OTLP_HEADERS".into());
+        return Err(EndpointError::Credentials);
     }
     Ok(())
+}
+
+/// `url`'s parse error, named through reqwest so that `url` need not be a dependency.
+pub type UrlError = <reqwest::Url as std::str::FromStr>::Err;
+
+/// Why an OTLP endpoint is refused; the message follows the key or variable that named it.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("is not a URL: {0}")]
+    NotAUrl(UrlError),
+    #[error("must be an http:// or https:// URL with a host")]
+    NotHttp,
+    #[error("must not hold credentials; pass them in OTEL_EXPORTER_OTLP_HEADERS")]
+    Credentials,
 }
 
 /// One `[[callers]]` entry: a caller known by its mTLS identity or by an API key.
@@ -576,6 +591,27 @@ fn redacted<S: Serializer>(
     }
 }
 
+/// A number or duration past its upper bound (see [`Config::check_upper_bounds`]).
+#[derive(Debug, thiserror::Error)]
+enum BoundError {
+    #[error("{key} must be at most {max} (got {value})")]
+    Count {
+        key: &'static str,
+        max: usize,
+        value: usize,
+    },
+    #[error(
+        "{key} must be at most {} (got {})",
+        humantime::format_duration(*.max),
+        humantime::format_duration(*.value)
+    )]
+    Duration {
+        key: &'static str,
+        max: Duration,
+        value: Duration,
+    },
+}
+
 /// Why the configuration cannot be used. Each message is one line and never holds a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -637,7 +673,7 @@ impl Config {
     /// Refuses numbers and durations past any sane setting: beyond them, what is built from
     /// them would overflow (`Instant + request_timeout`) or panic (a semaphore above tokio's
     /// `Semaphore::MAX_PERMITS`) at run time instead of failing here, naming the key.
-    fn check_upper_bounds(&self) -> Result<(), String> {
+    fn check_upper_bounds(&self) -> Result<(), BoundError> {
         let counts = [
             (
                 "server.max_concurrent_calls",
@@ -662,7 +698,7 @@ impl Config {
         ];
         for (key, value, max) in counts {
             if value > max {
-                return Err(format!("{key} must be at most {max} (got {value})"));
+                return Err(BoundError::Count { key, max, value });
             }
         }
         let durations = [
@@ -700,11 +736,7 @@ impl Config {
         ];
         for (key, value, max) in durations {
             if value > max {
-                return Err(format!(
-                    "{key} must be at most {} (got {})",
-                    humantime::format_duration(max),
-                    humantime::format_duration(value)
-                ));
+                return Err(BoundError::Duration { key, max, value });
             }
         }
         Ok(())
@@ -721,7 +753,8 @@ impl Config {
         if self.server.shutdown_grace_period.is_zero() {
             return invalid("server.shutdown_grace_period must be greater than zero".into());
         }
-        self.check_upper_bounds().map_err(ConfigError::Invalid)?;
+        self.check_upper_bounds()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let upstream = &self.upstream;
         let url = match reqwest::Url::parse(&upstream.base_url) {
             Ok(url) => url,
@@ -809,7 +842,9 @@ impl Config {
         self.validate_callers()?;
         self.validate_cache()?;
         if let Some(tls) = &self.server.tls {
-            tls.files().load().map_err(ConfigError::Invalid)?;
+            tls.files()
+                .load()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         if defaults.len() > 1 {
             return invalid(format!(
@@ -948,24 +983,14 @@ impl Config {
 
 /// Checks that a client's auth method has exactly the settings it uses, and that a signing
 /// key loads and signs with its algorithm.
-fn validate_auth(client: &RegisteredClient) -> Result<(), String> {
+fn validate_auth(client: &RegisteredClient) -> Result<(), AuthError> {
     let method = client.auth_method;
     match (&client.secret, method.needs_secret()) {
         (Some(secret), true) if secret.expose_secret().is_empty() => {
-            return Err("the client secret is empty".into());
+            return Err(AuthError::EmptySecret);
         }
-        (Some(_), false) => {
-            return Err(format!(
-                "auth_method {:?} sends no client secret, so remove client_secret",
-                method.as_str()
-            ));
-        }
-        (None, true) => {
-            return Err(format!(
-                "auth_method {:?} needs client_secret_file or client_secret",
-                method.as_str()
-            ));
-        }
+        (Some(_), false) => return Err(AuthError::UnusedSecret(method.as_str())),
+        (None, true) => return Err(AuthError::MissingSecret(method.as_str())),
         _ => {}
     }
     if !method.signs() {
@@ -976,29 +1001,44 @@ fn validate_auth(client: &RegisteredClient) -> Result<(), String> {
             ("assertion_audience", client.assertion_audience.is_some()),
         ];
         if let Some((key, _)) = set.iter().find(|(_, is_set)| *is_set) {
-            return Err(format!(
-                "{key} applies only to auth_method \"private_key_jwt\" or \"client_secret_jwt\""
-            ));
+            return Err(AuthError::SigningKeyUnused(key));
         }
         return Ok(());
     }
     let alg = client.signing_alg();
     match (method, &client.private_key_file) {
-        (AuthMethod::PrivateKeyJwt, None) => {
-            Err("auth_method \"private_key_jwt\" needs private_key_file".into())
+        (AuthMethod::PrivateKeyJwt, None) => Err(AuthError::MissingKeyFile),
+        (AuthMethod::PrivateKeyJwt, Some(_)) if !alg.uses_private_key() => {
+            Err(AuthError::NotPrivateKeyAlg(alg))
         }
-        (AuthMethod::PrivateKeyJwt, Some(_)) if !alg.uses_private_key() => Err(format!(
-            "signing_alg {alg:?} does not sign with a private key; use RS256, ES256 or PS256"
-        )),
-        (AuthMethod::PrivateKeyJwt, Some(path)) => load_private_key(path, alg).map(drop),
-        (_, Some(_)) => {
-            Err("private_key_file applies only to auth_method \"private_key_jwt\"".into())
-        }
-        (_, None) if alg != SigningAlg::HS256 => Err(format!(
-            "auth_method \"client_secret_jwt\" signs with HS256, not {alg:?}"
-        )),
+        (AuthMethod::PrivateKeyJwt, Some(path)) => Ok(load_private_key(path, alg).map(drop)?),
+        (_, Some(_)) => Err(AuthError::KeyFileUnused),
+        (_, None) if alg != SigningAlg::HS256 => Err(AuthError::NotHs256(alg)),
         (_, None) => Ok(()),
     }
+}
+
+/// Why a client's auth settings do not fit its `auth_method`; the reason after `client "id": `.
+#[derive(Debug, thiserror::Error)]
+enum AuthError {
+    #[error("the client secret is empty")]
+    EmptySecret,
+    #[error("auth_method {0:?} sends no client secret, so remove client_secret")]
+    UnusedSecret(&'static str),
+    #[error("auth_method {0:?} needs client_secret_file or client_secret")]
+    MissingSecret(&'static str),
+    #[error("{0} applies only to auth_method \"private_key_jwt\" or \"client_secret_jwt\"")]
+    SigningKeyUnused(&'static str),
+    #[error("auth_method \"private_key_jwt\" needs private_key_file")]
+    MissingKeyFile,
+    #[error("signing_alg {0:?} does not sign with a private key; use RS256, ES256 or PS256")]
+    NotPrivateKeyAlg(SigningAlg),
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    #[error("private_key_file applies only to auth_method \"private_key_jwt\"")]
+    KeyFileUnused,
+    #[error("auth_method \"client_secret_jwt\" signs with HS256, not {0:?}")]
+    NotHs256(SigningAlg),
 }
 
 impl RegisteredClient {
@@ -1025,14 +1065,39 @@ pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 }
 
 /// Reads a PEM bundle of trust roots; it must hold at least one certificate.
-pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CaFileError> {
+    let pem = std::fs::read(path).map_err(|source| CaFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| CaFileError::NotPem {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        return Err(CaFileError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
+}
+
+/// Why a PEM bundle of trust roots cannot be used; callers prefix the key that named it.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a PEM certificate bundle: {source}", path.display())]
+    NotPem {
+        path: PathBuf,
+        source: reqwest::Error,
+    },
+    #[error("{} holds no PEM certificate", path.display())]
+    Empty { path: PathBuf },
 }
 
 /// Reads a secret file, dropping one trailing newline (editors and `echo` add one).

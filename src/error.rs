@@ -75,6 +75,34 @@ impl CallError {
     pub fn reason(&self) -> &'static str {
         classify(&self.failure).1
     }
+
+    /// The gRPC code of the [`Status`] it becomes.
+    pub fn code(&self) -> Code {
+        classify(&self.failure).0
+    }
+
+    /// What the call's log line says beside the reason. Never a secret, nor the caller's
+    /// client_id (a caller-chosen string).
+    pub fn log_detail(&self) -> String {
+        match &self.failure {
+            Failure::Upstream { error, .. } => format!("{:?}", error.kind),
+            Failure::InvalidRequest(violations) => {
+                let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+                format!("invalid field(s): {}", fields.join(", "))
+            }
+            Failure::Client(ClientError::Signing(error)) => error.to_string(),
+            // Its message quotes the caller's client_id, which no log line may hold.
+            Failure::Client(ClientError::Unknown(_)) => {
+                "the client_id is not registered and public clients are not allowed".to_owned()
+            }
+            Failure::Client(e) => e.to_string(),
+            Failure::RateLimited(_)
+            | Failure::Overloaded
+            | Failure::DeadlineExceeded
+            | Failure::CredentialSpent
+            | Failure::CallerUnauthenticated => "refused locally".to_owned(),
+        }
+    }
 }
 
 /// The code, the reason and the suggested wait of a failure.

@@ -1,5 +1,11 @@
-//! `tokengate.v1.TokenService`: proto in, validated domain request, upstream call, proto out.
+//! `tokengate.v1.TokenService`: proto in, validated domain request, broker call, proto out.
 //! Proto types stop here; every failure leaves through [`crate::error`].
+//!
+//! What a call needs besides its messages (its span, who the caller is, its log line and
+//! metrics) is the work of [`layer`], which hands each handler a [`layer::Call`] and hears
+//! back how the call ended.
+
+pub mod layer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -8,19 +14,17 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
-use tracing::{Instrument as _, field};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::broker::{Ask, Broker, Source};
-use crate::caller::{Callers, Unauthenticated};
-use crate::client::{ClientError, Clients};
+use crate::caller::Unauthenticated;
+use crate::client::Clients;
 use crate::direct::Direct;
 use crate::error::{CallError, Failure};
 use crate::grant::{GrantKind, RevokeRequest, TokenRequest};
 use crate::metrics::{ClientLabel, Metrics, Outcome};
 use crate::proto::{self, token_service_server::TokenService};
-use crate::telemetry;
 use crate::upstream::Token;
+use layer::{Call, Ended, Failed};
 
 /// tonic's own `grpc-timeout` layer answers CANCELLED at the caller's deadline, timed from
 /// a little before our handler starts; ending our work this much earlier lets us answer
@@ -35,7 +39,6 @@ pub struct TokenGate {
 
 #[derive(Debug)]
 struct Inner {
-    callers: Callers,
     clients: Arc<Clients>,
     broker: Broker<Direct>,
     /// Turns client ids into labels: registered ids or `public`.
@@ -48,15 +51,10 @@ impl TokenGate {
         self.inner.clients.signers()
     }
 
-    pub fn new(
-        callers: Callers,
-        clients: Arc<Clients>,
-        broker: Broker<Direct>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// Serves behind a [`layer::CallLayer`], which identifies the callers.
+    pub fn new(clients: Arc<Clients>, broker: Broker<Direct>, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                callers,
                 clients,
                 broker,
                 metrics,
@@ -69,7 +67,7 @@ impl TokenGate {
         request: proto::GetTokenRequest,
         caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
-        call: &mut Call,
+        call: &mut Labels,
     ) -> Result<(Token, Source), CallError> {
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = TokenRequest::try_from(request)
@@ -104,7 +102,7 @@ impl TokenGate {
         request: proto::RevokeTokenRequest,
         caller: Result<Option<&str>, Unauthenticated>,
         deadline: Option<Instant>,
-        call: &mut Call,
+        call: &mut Labels,
     ) -> Result<(), CallError> {
         let caller = caller.map_err(|Unauthenticated| call.fail(Failure::CallerUnauthenticated))?;
         let request = RevokeRequest::try_from(request)
@@ -130,7 +128,7 @@ impl TokenGate {
 }
 
 /// What a call is for: labels its span and its errors as it learns more.
-struct Call {
+struct Labels {
     span: tracing::Span,
     grant: Option<GrantKind>,
     /// The request's `client_id` as sent (or the default client's), for ErrorInfo only.
@@ -139,7 +137,7 @@ struct Call {
     client: ClientLabel,
 }
 
-impl Call {
+impl Labels {
     /// Starts labelling `span` with what the raw request names. A `client_id` that no
     /// registered client has is labelled `public`: a caller's string never reaches a log.
     fn start(
@@ -310,18 +308,17 @@ impl From<Token> for proto::GetTokenResponse {
     }
 }
 
-/// Logs the end of a call on its span, with the latency, the upstream's HTTP status when
-/// this call reached it (`upstream_status`: from the token, or the upstream error; no
-/// hidden hand-over through the span) and, on failure, the reason.
-fn finish<T>(
-    span: &tracing::Span,
-    started: Instant,
-    result: &Result<T, CallError>,
-    upstream_status: Option<u16>,
-) {
-    // As a person reads it ("412µs", "1.204ms"), to the microsecond: not 0.41200000000000003.
-    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    span.record("latency", field::debug(Duration::from_micros(micros)));
+/// The [`Call`] that [`layer::CallLayer`] put in the request's extensions.
+fn call_of<T>(request: &Request<T>) -> Result<Call, Status> {
+    request.extensions().get::<Call>().cloned().ok_or_else(|| {
+        // Only a server assembled without the layer; startup always adds it.
+        Status::internal("tokengate was built without its call layer")
+    })
+}
+
+/// How a call ended, for the layer: its code, the upstream's status when the call reached
+/// it (from the token, or the upstream error) and, on failure, its reason and detail.
+fn ended(result: Result<(), &CallError>, upstream_status: Option<u16>) -> Ended {
     let upstream_status = upstream_status.or(match result {
         Err(CallError {
             failure: Failure::Upstream { error, .. },
@@ -329,59 +326,15 @@ fn finish<T>(
         }) => error.http_status,
         _ => None,
     });
-    if let Some(status) = upstream_status {
-        // As i64: OpenTelemetry's attributes have no unsigned integers (a u16 would become text).
-        span.record("upstream_status", i64::from(status));
+    Ended {
+        code: result.map_or_else(CallError::code, |()| Code::Ok),
+        upstream_status,
+        failure: result.err().map(|error| Failed {
+            reason: error.reason(),
+            detail: error.log_detail(),
+        }),
+        token_request: None,
     }
-    match result {
-        Ok(_) => tracing::info!(parent: span, "call succeeded"),
-        Err(error) => {
-            let detail = match &error.failure {
-                Failure::Upstream { error, .. } => format!("{:?}", error.kind),
-                Failure::InvalidRequest(violations) => {
-                    let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
-                    format!("invalid field(s): {}", fields.join(", "))
-                }
-                Failure::Client(ClientError::Signing(detail)) => detail.clone(),
-                // Its message quotes the caller's client_id, which no log line may hold.
-                Failure::Client(ClientError::Unknown(_)) => {
-                    "the client_id is not registered and public clients are not allowed".to_owned()
-                }
-                Failure::Client(e) => e.to_string(),
-                Failure::RateLimited(_)
-                | Failure::Overloaded
-                | Failure::DeadlineExceeded
-                | Failure::CredentialSpent
-                | Failure::CallerUnauthenticated => "refused locally".to_owned(),
-            };
-            tracing::info!(parent: span, reason = error.reason(), detail, "call failed");
-        }
-    }
-}
-
-/// Puts the call's gRPC code on its trace span only: as a log field it would cost every
-/// call another re-formatting of the span's fields, and the log line says it already.
-fn code_on_trace(span: &tracing::Span, code: Code) {
-    span.set_attribute("rpc.grpc.status_code", i64::from(code as i32));
-}
-
-/// Records a failed call's gRPC code on its trace span, marked as an error when the code is
-/// a server-side fault (OpenTelemetry's gRPC conventions); a caller's mistake is not one.
-fn failed(span: &tracing::Span, status: Status) -> Status {
-    let code = status.code();
-    code_on_trace(span, code);
-    if matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    ) {
-        span.set_status(opentelemetry::trace::Status::error(code.description()));
-    }
-    status
 }
 
 #[tonic::async_trait]
@@ -390,52 +343,35 @@ impl TokenService for TokenGate {
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
-        let started = Instant::now();
-        let deadline = caller_deadline(request.metadata(), started);
-        let span = tracing::info_span!(
-            "GetToken",
-            otel.name = "tokengate.v1.TokenService/GetToken",
-            otel.kind = "server",
-            grant_type = field::Empty,
-            client_id = field::Empty,
-            upstream_status = field::Empty,
-            latency = field::Empty,
-        );
-        telemetry::traces::continue_trace(&span, request.metadata());
-        let peer_certs = request.peer_certs();
-        let caller = self
-            .inner
-            .callers
-            .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
+        let call = call_of(&request)?;
         let request = request.into_inner();
-        let mut call = Call::start(
-            span.clone(),
+        let mut labels = Labels::start(
+            call.span.clone(),
             &self.inner.metrics,
             request.grant.as_ref().map(grant_kind_of),
             &request.client_id,
         );
-        let result = TokenGate::get_token(self, request, caller, deadline, &mut call)
-            .instrument(span.clone())
-            .await;
-        let upstream_status = match &result {
-            Ok((token, Source::Upstream)) => token.upstream_status,
-            _ => None,
-        };
-        finish(&span, started, &result, upstream_status);
-        // Handed to the metrics layer explicitly, on errors too (see `metrics::Outcome`).
+        let caller = call.caller.as_ref().map(Option::as_deref).map_err(|e| *e);
+        let result = TokenGate::get_token(self, request, caller, deadline, &mut labels).await;
         match result {
             Ok(answer) => {
-                code_on_trace(&span, Code::Ok);
-                let outcome = call.outcome("OK", Some(answer.1));
-                let mut response = Response::new(response(answer));
-                response.extensions_mut().insert(outcome);
-                Ok(response)
+                let upstream_status = match &answer {
+                    (token, Source::Upstream) => token.upstream_status,
+                    _ => None,
+                };
+                call.end(Ended {
+                    token_request: Some(labels.outcome("OK", Some(answer.1))),
+                    ..ended(Ok(()), upstream_status)
+                });
+                Ok(Response::new(response(answer)))
             }
             Err(error) => {
-                let outcome = call.outcome(error.reason(), None);
-                let mut status = Status::from(error);
-                status.set_source(Arc::new(outcome));
-                Err(failed(&span, status))
+                call.end(Ended {
+                    token_request: Some(labels.outcome(error.reason(), None)),
+                    ..ended(Err(&error), None)
+                });
+                Err(Status::from(error))
             }
         }
     }
@@ -444,35 +380,27 @@ impl TokenService for TokenGate {
         &self,
         request: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
-        let started = Instant::now();
-        let deadline = caller_deadline(request.metadata(), started);
-        let span = tracing::info_span!(
-            "RevokeToken",
-            otel.name = "tokengate.v1.TokenService/RevokeToken",
-            otel.kind = "server",
-            client_id = field::Empty,
-            upstream_status = field::Empty,
-            latency = field::Empty,
-        );
-        telemetry::traces::continue_trace(&span, request.metadata());
-        let peer_certs = request.peer_certs();
-        let caller = self
-            .inner
-            .callers
-            .identify(peer_certs.as_deref().map(Vec::as_slice), request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
+        let call = call_of(&request)?;
         let request = request.into_inner();
-        let mut call = Call::start(span.clone(), &self.inner.metrics, None, &request.client_id);
-        let result = self
-            .revoke(request, caller, deadline, &mut call)
-            .instrument(span.clone())
-            .await;
-        finish(&span, started, &result, None);
-        result
-            .map(|()| {
-                code_on_trace(&span, Code::Ok);
-                Response::new(proto::RevokeTokenResponse {})
-            })
-            .map_err(|error| failed(&span, Status::from(error)))
+        let mut labels = Labels::start(
+            call.span.clone(),
+            &self.inner.metrics,
+            None,
+            &request.client_id,
+        );
+        let caller = call.caller.as_ref().map(Option::as_deref).map_err(|e| *e);
+        let result = self.revoke(request, caller, deadline, &mut labels).await;
+        match result {
+            Ok(()) => {
+                call.end(ended(Ok(()), None));
+                Ok(Response::new(proto::RevokeTokenResponse {}))
+            }
+            Err(error) => {
+                call.end(ended(Err(&error), None));
+                Err(Status::from(error))
+            }
+        }
     }
 }
 

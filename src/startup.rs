@@ -26,6 +26,7 @@ use crate::metrics::grpc::MetricsLayer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::rate_limit::RateLimitGuard;
 use crate::service::TokenGate;
+use crate::service::layer::CallLayer;
 use crate::tls::ReloadingTls;
 use crate::upstream::Upstream;
 
@@ -48,6 +49,13 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::BuildError),
+    #[error(transparent)]
+    Clients(#[from] crate::client::ClientsError),
+    /// Reflection or the Redis store, which report in words.
     #[error("{0}")]
     Setup(String),
     #[error("server failed: {0}")]
@@ -73,6 +81,8 @@ pub struct Application {
     health_listener: Option<(TcpListener, SocketAddr)>,
     tls: Option<Arc<ReloadingTls>>,
     grace: Duration,
+    /// Who may call, for the call layer.
+    callers: Callers,
     service: TokenGate,
     /// The `/metrics` listener, bound only when `server.metrics_listen` is set.
     metrics_listener: Option<(TcpListener, SocketAddr)>,
@@ -94,9 +104,7 @@ impl Application {
             None => None,
         };
         let tls = match &config.server.tls {
-            Some(tls) => Some(Arc::new(
-                ReloadingTls::new(tls.files()).map_err(StartupError::Setup)?,
-            )),
+            Some(tls) => Some(Arc::new(ReloadingTls::new(tls.files())?)),
             None => None,
         };
         let metrics = Arc::new(Metrics::new(
@@ -115,11 +123,11 @@ impl Application {
                 move || served.not_after(),
             );
         }
-        let upstream =
-            Upstream::new(&config.upstream, metrics.clone()).map_err(StartupError::Setup)?;
-        let clients = Clients::new(&config.clients, upstream.token_url().as_str())
-            .map_err(StartupError::Setup)?;
-        let clients = Arc::new(clients);
+        let upstream = Upstream::new(&config.upstream, metrics.clone())?;
+        let clients = Arc::new(Clients::new(
+            &config.clients,
+            upstream.token_url().as_str(),
+        )?);
         let broker = broker(config, clients.clone(), upstream, &metrics)?;
         Ok(Self {
             listener,
@@ -127,12 +135,8 @@ impl Application {
             health_listener,
             tls,
             grace: config.server.shutdown_grace_period,
-            service: TokenGate::new(
-                Callers::new(&config.callers),
-                clients,
-                broker,
-                metrics.clone(),
-            ),
+            callers: Callers::new(&config.callers),
+            service: TokenGate::new(clients, broker, metrics.clone()),
             metrics_listener,
             metrics,
         })
@@ -215,12 +219,19 @@ impl Application {
                 self.metrics.clone(),
             )))
         });
-        let layer = MetricsLayer::new(metered.as_ref().map(|_| self.metrics.clone()));
+        let layers = tower::ServiceBuilder::new()
+            // Outermost: counts every call, including those tonic refuses before a handler
+            // runs, and reads the GetToken labels the call layer leaves in the response.
+            .layer(MetricsLayer::new(
+                metered.as_ref().map(|_| self.metrics.clone()),
+            ))
+            // TokenService calls: span, caller, log line (see `service::layer`).
+            .layer(CallLayer::new(self.callers));
 
         let token_service =
             TokenServiceServer::new(self.service).max_decoding_message_size(MAX_REQUEST_BYTES);
         let router = Server::builder()
-            .layer(layer)
+            .layer(layers)
             // Find dead peers (and keep NAT/LB state alive) without waiting for TCP.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -52,59 +52,61 @@ impl TlsFiles {
     }
 
     /// Reads the files and builds the rustls configuration (HTTP/2 only, as gRPC needs).
-    pub fn load(&self) -> Result<ServerConfig, String> {
+    pub fn load(&self) -> Result<ServerConfig, TlsError> {
         self.load_with_expiry().map(|(config, _)| config)
     }
 
     /// [`TlsFiles::load`], with the serving (first) certificate's notAfter in Unix seconds.
-    fn load_with_expiry(&self) -> Result<(ServerConfig, i64), String> {
+    fn load_with_expiry(&self) -> Result<(ServerConfig, i64), TlsError> {
+        let cert_file = || self.cert_file.clone();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert_file)
             .and_then(Iterator::collect)
-            .map_err(|e| format!("server.tls.cert_file {}: {e}", self.cert_file.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "server.tls.cert_file {} holds no certificate",
-                self.cert_file.display()
-            ));
-        }
-        let not_after = not_after(&certs[0]).map_err(|e| {
-            format!(
-                "server.tls.cert_file {}: cannot read the certificate: {e}",
-                self.cert_file.display()
-            )
+            .map_err(|source| TlsError::CertFile {
+                path: cert_file(),
+                source,
+            })?;
+        let Some(serving) = certs.first() else {
+            return Err(TlsError::NoCertificate { path: cert_file() });
+        };
+        let not_after = not_after(serving).map_err(|source| TlsError::Certificate {
+            path: cert_file(),
+            source,
         })?;
-        let key = PrivateKeyDer::from_pem_file(&self.key_file)
-            .map_err(|e| format!("server.tls.key_file {}: {e}", self.key_file.display()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&self.key_file).map_err(|source| TlsError::KeyFile {
+                path: self.key_file.clone(),
+                source,
+            })?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(TlsError::Protocols)?;
         let builder = match &self.client_ca_file {
             None => builder.with_no_client_auth(),
             Some(path) => {
+                let client_ca = |source: ClientCaError| TlsError::ClientCa {
+                    path: path.clone(),
+                    source,
+                };
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("server.tls.client_ca_file {}: {e}", path.display()))?
+                    .map_err(|e| client_ca(ClientCaError::Pem(e)))?
                 {
-                    let cert = cert.map_err(|e| {
-                        format!("server.tls.client_ca_file {}: {e}", path.display())
-                    })?;
-                    roots.add(cert).map_err(|e| {
-                        format!("server.tls.client_ca_file {}: {e}", path.display())
-                    })?;
+                    let cert = cert.map_err(|e| client_ca(ClientCaError::Pem(e)))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| client_ca(ClientCaError::Certificate(e)))?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
-                        .map_err(|e| {
-                            format!("server.tls.client_ca_file {}: {e}", path.display())
-                        })?;
+                        .map_err(|e| client_ca(ClientCaError::Verifier(e)))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
         let mut config = builder
             .with_single_cert(certs, key)
-            .map_err(|e| format!("server.tls: the certificate and key do not match: {e}"))?;
+            .map_err(TlsError::KeyMismatch)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok((config, not_after))
     }
@@ -121,10 +123,53 @@ impl TlsFiles {
 }
 
 /// A certificate's notAfter, in Unix seconds.
-fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+fn not_after(cert: &CertificateDer<'_>) -> Result<i64, X509Error> {
     use x509_parser::prelude::{FromDer as _, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
+    let (_, cert) = X509Certificate::from_der(cert)?;
     Ok(cert.validity().not_after.timestamp())
+}
+
+/// x509-parser's error for a certificate it cannot read.
+type X509Error = x509_parser::nom::Err<x509_parser::error::X509Error>;
+
+/// Why the listener's TLS files cannot be used. Check-config prints it as its reason; a
+/// failed reload logs it and keeps serving the previous files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("server.tls.cert_file {}: {source}", path.display())]
+    CertFile {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("server.tls.cert_file {} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("server.tls.cert_file {}: cannot read the certificate: {source}", path.display())]
+    Certificate { path: PathBuf, source: X509Error },
+    #[error("server.tls.key_file {}: {source}", path.display())]
+    KeyFile {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("TLS: {0}")]
+    Protocols(rustls::Error),
+    #[error("server.tls.client_ca_file {}: {source}", path.display())]
+    ClientCa {
+        path: PathBuf,
+        source: ClientCaError,
+    },
+    #[error("server.tls: the certificate and key do not match: {0}")]
+    KeyMismatch(rustls::Error),
+}
+
+/// What is wrong with `server.tls.client_ca_file`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientCaError {
+    #[error(transparent)]
+    Pem(rustls_pki_types::pem::Error),
+    #[error(transparent)]
+    Certificate(rustls::Error),
+    #[error(transparent)]
+    Verifier(rustls::server::VerifierBuilderError),
 }
 
 /// What identifies one version of the TLS files: each file's modification time and size.
@@ -147,7 +192,7 @@ impl std::fmt::Debug for ReloadingTls {
 }
 
 impl ReloadingTls {
-    pub fn new(files: TlsFiles) -> Result<Self, String> {
+    pub fn new(files: TlsFiles) -> Result<Self, TlsError> {
         let stamps = files.stamps();
         let (config, not_after) = files.load_with_expiry()?;
         Ok(Self {

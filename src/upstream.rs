@@ -303,12 +303,33 @@ impl Reply {
     }
 }
 
+/// Why the upstream client cannot be built (config validation refuses most of it first).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("upstream.base_url: {0}")]
+    BaseUrl(crate::config::UrlError),
+    #[error("upstream path {path:?}: {source}")]
+    Path {
+        path: String,
+        source: crate::config::UrlError,
+    },
+    #[error(transparent)]
+    CaFile(#[from] crate::config::CaFileError),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: std::sync::Arc<Metrics>) -> Result<Self, String> {
-        let base = Url::parse(&config.base_url).map_err(|e| format!("upstream.base_url: {e}"))?;
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let base = Url::parse(&config.base_url).map_err(BuildError::BaseUrl)?;
         let join = |path: &str| {
-            base.join(path)
-                .map_err(|e| format!("upstream path {path:?}: {e}"))
+            base.join(path).map_err(|source| BuildError::Path {
+                path: path.to_owned(),
+                source,
+            })
         };
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
@@ -333,7 +354,7 @@ impl Upstream {
             // A token endpoint that redirects is misconfigured; never re-send credentials.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(BuildError::Client)?;
         Ok(Self {
             http,
             token_url: join(&config.token_path)?,

@@ -456,7 +456,8 @@ fn new_refuses_a_method_without_its_secret() {
             },
             TOKEN_URL,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("\"odd\""), "{error}");
         assert!(!error.contains("s3cr3t"), "{error}");
     }

@@ -10,8 +10,8 @@
 //! handlers); a path naming anything else adds no series. Their handles are resolved once,
 //! so a call costs a few atomic increments and no allocation for labels.
 //!
-//! GetToken calls hand their [`Outcome`] over explicitly (response extensions, or the
-//! `Status`'s source), and the layer counts `tokengate_token_requests_total` from it.
+//! GetToken calls hand their [`Outcome`] over in the response's extensions (see
+//! `service::layer`), and this layer counts `tokengate_token_requests_total` from it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::{Metrics, Outcome};
 
@@ -288,19 +288,6 @@ fn status_code(headers: &http::HeaderMap) -> Option<Code> {
         .map(|value| Code::from_bytes(value.as_bytes()))
 }
 
-/// What the call handed over: an [`Outcome`] in the response's extensions, or as the source
-/// of the `Status` tonic keeps there.
-fn outcome_of<T>(response: &http::Response<T>) -> Option<Outcome> {
-    let extensions = response.extensions();
-    if let Some(outcome) = extensions.get::<Outcome>() {
-        return Some(outcome.clone());
-    }
-    let status = extensions.get::<Status>()?;
-    std::error::Error::source(status)?
-        .downcast_ref::<Outcome>()
-        .cloned()
-}
-
 pin_project_lite::pin_project! {
     pub struct MeteredFuture<F> {
         #[pin]
@@ -324,7 +311,7 @@ where
                 if let Some(pending) = &mut pending
                     && pending.method == GET_TOKEN
                 {
-                    pending.outcome = outcome_of(&response);
+                    pending.outcome = response.extensions().get::<Outcome>().cloned();
                 }
                 // Trailers-only (every error): the status is in the headers already.
                 if let Some(code) = status_code(response.headers())

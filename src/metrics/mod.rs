@@ -62,9 +62,9 @@ impl EncodeLabelValue for ClientLabel {
     }
 }
 
-/// What a GetToken call learned, handed to the [`grpc`] layer explicitly: in the response's
-/// extensions on success, and as the source of the `Status` on failure (tonic keeps the
-/// `Status` in the response's extensions). Every field is a bounded label value.
+/// What a GetToken call learned, handed to the [`grpc`] layer in the response's extensions
+/// (by `service::layer`, on success and on failure alike). Every field is a bounded label
+/// value.
 #[derive(Clone, Debug)]
 pub struct Outcome {
     /// The grant's name (`grant::GrantKind::as_str`), or `unspecified`.
@@ -75,15 +75,6 @@ pub struct Outcome {
     /// Where the token came from (`upstream`, `cache`, `coalesced`, `replayed`), or `none`.
     pub source: &'static str,
 }
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "call outcome: {}", self.reason)
-    }
-}
-
-/// Only so that it can ride as a `Status`'s source; it is not an error of its own.
-impl std::error::Error for Outcome {}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TokenLabels {

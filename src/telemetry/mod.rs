@@ -28,7 +28,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry};
 
 use crate::config::TelemetryConfig;
-use traces::Traces;
+use traces::{TraceError, Traces};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -68,7 +68,7 @@ pub fn init(format: LogFormat) -> Telemetry {
 
 /// Installs the global subscriber with the trace export `config` asks for. Call it inside
 /// the tokio runtime: the gRPC exporter's connection lives there.
-pub fn start(format: LogFormat, config: &TelemetryConfig) -> Result<Telemetry, String> {
+pub fn start(format: LogFormat, config: &TelemetryConfig) -> Result<Telemetry, TraceError> {
     let telemetry = install(format, Traces::new(config)?);
     if let Some(endpoint) = config
         .otlp_traces_endpoint

@@ -21,17 +21,52 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
 };
-use tonic::metadata::{KeyRef, MetadataMap};
 use tracing::{Level, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::{OtlpProtocol, TelemetryConfig, load_ca_file};
+use crate::config::{CaFileError, OtlpProtocol, TelemetryConfig, load_ca_file};
 
 /// How long one export may take, retries included.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why trace export cannot start; `origin` names the key or variable the endpoint came
+/// from. `tokengate serve` prints it as a bad-config reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{origin}: {error}")]
+    Endpoint {
+        origin: &'static str,
+        #[source]
+        error: tonic::transport::Error,
+    },
+    #[error("telemetry: cannot read {}: {error}", path.display())]
+    ReadCa {
+        path: std::path::PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{origin}: TLS: {error}")]
+    Tls {
+        origin: &'static str,
+        #[source]
+        error: tonic::transport::Error,
+    },
+    #[error("{origin}: cannot build the OTLP exporter: {error}")]
+    Exporter {
+        origin: &'static str,
+        #[source]
+        error: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("telemetry: {0}")]
+    CaFile(#[from] CaFileError),
+    #[error("telemetry: building the OTLP HTTP client panicked")]
+    HttpClientPanicked,
+    #[error("telemetry: cannot build the OTLP HTTP client: {0}")]
+    HttpClient(reqwest::Error),
+}
 
 /// The tracer provider: its sampler, and its exporter when there is a collector.
 pub struct Traces {
@@ -54,7 +89,7 @@ impl Traces {
     /// `otlp_endpoint` is a base URL (`/v1/traces` is added for http/protobuf), a URL from
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is used as is. Must run inside the tokio runtime
     /// (the gRPC channel's connection task lives there).
-    pub fn new(config: &TelemetryConfig) -> Result<Self, String> {
+    pub fn new(config: &TelemetryConfig) -> Result<Self, TraceError> {
         // Where a bad URL came from, for the error.
         let (source, url) = match (&config.otlp_traces_endpoint, &config.otlp_endpoint) {
             (Some(full), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", full.clone()),
@@ -85,7 +120,10 @@ impl Traces {
                 .with_timeout(EXPORT_TIMEOUT)
                 .build(),
         }
-        .map_err(|e| format!("{source}: cannot build the OTLP exporter: {e}"))?;
+        .map_err(|error| TraceError::Exporter {
+            origin: source,
+            error,
+        })?;
         let exporter = ReportOnce {
             inner: exporter,
             failing: AtomicBool::new(false),
@@ -153,12 +191,15 @@ impl Traces {
 /// client does), so no second TLS stack and no system store are needed, and `ca_file`'s
 /// certificates beside them.
 fn grpc_channel(
-    source: &str,
+    source: &'static str,
     endpoint: &str,
     ca_file: Option<&Path>,
-) -> Result<tonic::transport::Channel, String> {
+) -> Result<tonic::transport::Channel, TraceError> {
     let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| format!("{source}: {e}"))?
+        .map_err(|error| TraceError::Endpoint {
+            origin: source,
+            error,
+        })?
         .timeout(EXPORT_TIMEOUT)
         .connect_timeout(Duration::from_secs(5));
     if endpoint.starts_with("https:") {
@@ -168,13 +209,18 @@ fn grpc_channel(
             .collect();
         if let Some(path) = ca_file {
             // tonic reads every certificate of the bundle.
-            let bundle = std::fs::read(path)
-                .map_err(|e| format!("telemetry: cannot read {}: {e}", path.display()))?;
+            let bundle = std::fs::read(path).map_err(|error| TraceError::ReadCa {
+                path: path.to_owned(),
+                error,
+            })?;
             roots.push(tonic::transport::Certificate::from_pem(bundle));
         }
         channel = channel
             .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificates(roots))
-            .map_err(|e| format!("{source}: TLS: {e}"))?;
+            .map_err(|error| TraceError::Tls {
+                origin: source,
+                error,
+            })?;
     }
     Ok(channel.connect_lazy())
 }
@@ -200,9 +246,9 @@ fn http_traces_url(endpoint: &str) -> String {
 /// The blocking client the batch exporter's thread uses (it has no tokio reactor), with
 /// webpki's roots and `ca_file`'s certificates. Built on a thread of its own: reqwest's
 /// blocking client may not be built inside the runtime.
-fn http_client(ca_file: Option<&Path>) -> Result<reqwest::blocking::Client, String> {
+fn http_client(ca_file: Option<&Path>) -> Result<reqwest::blocking::Client, TraceError> {
     let extra = match ca_file {
-        Some(path) => load_ca_file(path).map_err(|e| format!("telemetry: {e}"))?,
+        Some(path) => load_ca_file(path)?,
         None => Vec::new(),
     };
     std::thread::spawn(|| {
@@ -216,8 +262,8 @@ fn http_client(ca_file: Option<&Path>) -> Result<reqwest::blocking::Client, Stri
             .build()
     })
     .join()
-    .map_err(|_| "telemetry: building the OTLP HTTP client panicked".to_owned())?
-    .map_err(|e| format!("telemetry: cannot build the OTLP HTTP client: {e}"))
+    .map_err(|_| TraceError::HttpClientPanicked)?
+    .map_err(TraceError::HttpClient)
 }
 
 /// Logs the first failed export and the first success after it, not every batch: an
@@ -262,20 +308,20 @@ impl<E: SpanExporter> SpanExporter for ReportOnce<E> {
 static PROPAGATOR: LazyLock<TraceContextPropagator> = LazyLock::new(TraceContextPropagator::new);
 
 /// Makes `span` (a call's span, just created) a child of the caller's `traceparent`, when
-/// the metadata carries a valid one; `tracestate` comes along.
-pub fn continue_trace(span: &tracing::Span, metadata: &MetadataMap) {
-    if !metadata.contains_key("traceparent") {
+/// the call's metadata (its HTTP/2 headers) carries a valid one; `tracestate` comes along.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !headers.contains_key("traceparent") {
         return;
     }
-    let parent = PROPAGATOR.extract(&Metadata(metadata));
+    let parent = PROPAGATOR.extract(&Metadata(headers));
     if parent.span().span_context().is_valid() {
         // Only fails when the span is disabled or already started; neither loses a call.
         let _ = span.set_parent(parent);
     }
 }
 
-/// gRPC metadata as the propagator reads it (ASCII entries only).
-struct Metadata<'a>(&'a MetadataMap);
+/// gRPC metadata as the propagator reads it (ASCII entries only: not the `-bin` ones).
+struct Metadata<'a>(&'a http::HeaderMap);
 
 impl Extractor for Metadata<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -285,10 +331,8 @@ impl Extractor for Metadata<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0
             .keys()
-            .filter_map(|key| match key {
-                KeyRef::Ascii(key) => Some(key.as_str()),
-                KeyRef::Binary(_) => None,
-            })
+            .map(http::HeaderName::as_str)
+            .filter(|key| !key.ends_with("-bin"))
             .collect()
     }
 }
