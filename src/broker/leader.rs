@@ -32,6 +32,8 @@ enum Leased<S: Fleet> {
     Answered(Arc<Entry>),
     /// This replica holds the lease; the version and entry Redis held under it.
     Held(HeldLease<S>, u64, Option<Arc<Entry>>),
+    /// This replica holds the lease, but reading under it failed.
+    Unread(HeldLease<S>),
     /// Redis does not answer: this replica goes on alone.
     Alone,
 }
@@ -65,6 +67,13 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                     .filter(|entry| entry.version == version);
                 (Some(lease), version, renewing)
             }
+            // Unverified, a kept refresh token may have been spent by someone else: run the
+            // grant instead.
+            Leased::Unread(lease) => (
+                Some(lease),
+                previous.as_ref().map_or(0, |p| p.version),
+                None,
+            ),
             Leased::Alone => (
                 None,
                 previous.as_ref().map_or(0, |p| p.version),
@@ -102,9 +111,9 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                             Leased::Answered(entry)
                         }
                         Ok((version, current)) => Leased::Held(held, version, current),
-                        // The lease still keeps others off while it lasts; the write will
-                        // find out whether Redis is back.
-                        Err(_) => Leased::Held(held, 0, None),
+                        // One failed read: the lease still keeps others off while it lasts,
+                        // and the write finds out whether this was the version it replaces.
+                        Err(_) => Leased::Unread(held),
                     };
                 }
                 Ok(None) => match self.await_holder(fleet, id, treatment).await {
@@ -120,12 +129,15 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         }
     }
 
-    /// Whether an entry found in Redis answers a flight's callers without a new call.
+    /// Whether an entry found in Redis answers a flight's callers without a new call: fresh,
+    /// and holding no token revoked or rejected here (another replica may not have dropped
+    /// it yet; I7).
     fn answers(&self, entry: &Entry, treatment: Treatment) -> bool {
-        match (treatment, freshness(&entry.keep, self.clock.now())) {
+        let fresh = match (treatment, freshness(&entry.keep, self.clock.now())) {
             (Treatment::Cache, fresh) => fresh == Freshness::Fresh,
             (_, fresh) => fresh != Freshness::Spent,
-        }
+        };
+        fresh && !self.holds_revoked(entry)
     }
 
     /// Waits while another replica holds the lease, for as long as it holds it (its holder
@@ -275,16 +287,13 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     fn still_serves(&self, entry: &Entry, now: std::time::SystemTime) -> bool {
         matches!(entry.settled, Settled::Token(_))
             && now < entry.keep.serve_until
-            && !entry
-                .tokens()
-                .into_iter()
-                .any(|t| self.revoked.contains_key(&self.keys.token_digest(t)))
+            && !self.holds_revoked(entry)
     }
 
     /// Keeps a result here and, version-checked, in Redis; tells the fleet that older
     /// entries of `id` are dead.
     async fn store(&self, id: &Digest, keep: Keep, settled: Settled, expected: u64) {
-        let entry = Entry {
+        let mut entry = Entry {
             version: expected + 1,
             keep,
             settled,
@@ -297,17 +306,30 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                 .into_iter()
                 .map(|t| self.keys.token_digest(t))
                 .collect();
-            match fleet.put(id, expected, &sealed, keep.ttl, &tokens).await {
-                Ok(true) if expected > 0 => {
-                    let _ = fleet.invalidate(id, entry.version).await;
+            let mut expected = expected;
+            // Twice at most: a rejection or revocation may have deleted the entry this result
+            // replaces while the call was out; then nothing newer stands, and this result
+            // (fresh, so neither revoked nor rejected) belongs there.
+            for _ in 0..2 {
+                match fleet.put(id, expected, &sealed, keep.ttl, &tokens).await {
+                    Ok(true) => {
+                        entry.version = expected + 1;
+                        if expected > 0 {
+                            let _ = fleet.invalidate(id, entry.version).await;
+                        }
+                        break;
+                    }
+                    Ok(false) => match fleet.get(id).await {
+                        Ok((version, None)) if version > expected => expected = version,
+                        // Someone wrote a newer result; theirs stands, and ours is not kept
+                        // here either.
+                        _ => {
+                            self.local.invalidate(id);
+                            return;
+                        }
+                    },
+                    Err(_) => break,
                 }
-                Ok(true) => {}
-                // Someone wrote first; theirs stands, and ours is not kept here either.
-                Ok(false) => {
-                    self.local.invalidate(id);
-                    return;
-                }
-                Err(_) => {}
             }
         }
         self.keep_locally(id, Arc::new(entry));

@@ -195,6 +195,14 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         true
     }
 
+    /// Whether an entry holds a token revoked or rejected through this replica.
+    pub(super) fn holds_revoked(&self, entry: &Entry) -> bool {
+        entry
+            .tokens()
+            .into_iter()
+            .any(|t| self.revoked.contains_key(&self.keys.token_digest(t)))
+    }
+
     /// A notice or a delete says entries of `id` below `version` are dead.
     pub(super) fn raise_floor(&self, id: &Digest, version: u64) {
         let floor = self.floors.get(id).unwrap_or(0).max(version);
