@@ -203,7 +203,13 @@ fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D:
     }
     // Any size is a lifetime: the broker clamps what it keeps and serves (contract §8.1 I3),
     // and refusing the body would waste a one-time credential the upstream already spent.
-    let whole = |f: f64| (f.is_finite() && f > 0.0).then(|| f as u64).unwrap_or(0);
+    let whole = |f: f64| {
+        if f.is_finite() && f > 0.0 {
+            f as u64
+        } else {
+            0
+        }
+    };
     match Seconds::deserialize(deserializer)? {
         Seconds::Number(n) => Ok(Some(n)),
         Seconds::Float(f) => Ok(Some(whole(f))),

@@ -132,9 +132,17 @@ async fn a_caller_that_joins_a_short_deadline_flight_gets_its_token() {
         let failed = first.await.unwrap().unwrap_err();
         assert!(matches!(failed, Failure::DeadlineExceeded), "{failed:?}");
         let (token, _) = second.await.unwrap().unwrap();
-        assert_eq!(access(&token), format!("at-{calls}"), "{:?}", request.grant.kind());
+        assert_eq!(
+            access(&token),
+            format!("at-{calls}"),
+            "{:?}",
+            request.grant.kind()
+        );
         assert_eq!(fake.calls(), calls, "{:?}", request.grant.kind());
-        assert!(fake.credentials.lock().unwrap().len() <= 1, "sent once at most");
+        assert!(
+            fake.credentials.lock().unwrap().len() <= 1,
+            "sent once at most"
+        );
     }
 }
 
