@@ -1,7 +1,6 @@
 //! What the broker keeps for one identity: a settled result and how long it may answer.
 //! The stored form is JSON, sealed by [`crate::keys::Keys`] before it leaves the process.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,22 +31,18 @@ pub struct Entry {
     pub version: u64,
     pub keep: Keep,
     pub settled: Settled,
+    /// Renewals that failed in a row since this token was fetched; its `keep.renew_at` is
+    /// then the next try, for the whole fleet (I9).
+    pub failures: u32,
     /// This replica's bookkeeping for the entry; never stored.
     pub upkeep: Upkeep,
 }
 
-/// What one replica remembers about a cached entry while it serves it: whether its renewal is
-/// scheduled, and how a failed renewal backs off (contract §8.1 I9, I10).
+/// What one replica remembers about a cached entry while it serves it: whether its renewal
+/// at the planned point is scheduled (contract §8.1 I10).
 #[derive(Debug, Default)]
 pub struct Upkeep {
     scheduled: AtomicBool,
-    backoff: Mutex<Backoff>,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Backoff {
-    failures: u32,
-    not_before: Option<SystemTime>,
 }
 
 /// First wait after a failed renewal; it doubles per failure, jittered, up to `min_remaining`.
@@ -65,31 +60,14 @@ impl Upkeep {
     pub fn schedule_once(&self) -> bool {
         !self.scheduled.swap(true, Ordering::AcqRel)
     }
+}
 
-    /// Whether a renewal may start at `now`, or a failed one is still being backed off.
-    pub fn may_renew(&self, now: SystemTime) -> bool {
-        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        backoff.not_before.is_none_or(|at| now >= at)
-    }
-
-    /// When the next renewal may start, while a failed one is being backed off.
-    pub fn next_try(&self) -> Option<SystemTime> {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .not_before
-    }
-
-    /// A renewal failed at `now`: the next waits a jittered, doubling delay, capped at `cap`.
-    pub fn renewal_failed(&self, now: SystemTime, cap: Duration, jitter: f64) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        let doubled = RENEWAL_BACKOFF.saturating_mul(1 << backoff.failures.min(16));
-        let ceiling = doubled.min(cap).max(Duration::from_millis(1));
-        // Half fixed, half random: spread over the fleet, but never a busy retry.
-        let wait = ceiling.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0);
-        backoff.failures = backoff.failures.saturating_add(1);
-        backoff.not_before = now.checked_add(wait);
-    }
+/// How long to wait after the `failures`-th failed renewal in a row: doubling from 1 s,
+/// capped at `cap`, half of it random so a fleet does not retry in step (I9).
+pub fn renewal_backoff(failures: u32, cap: Duration, jitter: f64) -> Duration {
+    let doubled = RENEWAL_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    let ceiling = doubled.min(cap).max(Duration::from_millis(1));
+    ceiling.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
 }
 
 impl Entry {
@@ -133,6 +111,7 @@ impl Entry {
             renew_at: self.keep.renew_at.map(millis),
             interval_ms: self.keep.interval.map(|d| d.as_millis() as u64),
             ttl_ms: self.keep.ttl.as_millis() as u64,
+            failures: self.failures,
             settled: match &self.settled {
                 Settled::Token(token) => WireSettled::Token(WireToken::from(token)),
                 Settled::Refused {
@@ -195,6 +174,7 @@ impl Entry {
                 ttl: Duration::from_millis(wire.ttl_ms),
             },
             settled,
+            failures: wire.failures,
             upkeep: Upkeep::default(),
         })
     }
@@ -215,6 +195,8 @@ struct Wire {
     renew_at: Option<u64>,
     interval_ms: Option<u64>,
     ttl_ms: u64,
+    #[serde(default)]
+    failures: u32,
     settled: WireSettled,
 }
 
@@ -386,6 +368,7 @@ mod tests {
             version: 3,
             keep: keep(now),
             settled: Settled::Token(token(now)),
+            failures: 0,
             upkeep: Upkeep::default(),
         };
         let back = Entry::decode(3, &entry.encode()).unwrap();
@@ -421,6 +404,7 @@ mod tests {
                 },
                 caller_credentials: true,
             },
+            failures: 0,
             upkeep: Upkeep::default(),
         };
         let back = Entry::decode(1, &entry.encode()).unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::entry::{Entry, Settled, Upkeep, served_from_cache};
+use super::entry::{Entry, Settled, Upkeep, renewal_backoff, served_from_cache};
 use super::fleet::Fleet;
 use super::flight::Landed;
 use super::lease::HeldLease;
@@ -59,6 +59,11 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         deadline: Option<Instant>,
     ) -> Landed {
         let (lease, expected, renewing) = match self.take_lease(&id, treatment).await {
+            Leased::Answered(entry)
+                if treatment != Treatment::Cache && self.holds_revoked(&entry) =>
+            {
+                return Err(Failure::CredentialSpent);
+            }
             Leased::Answered(entry) => return self.served(&entry, treatment, true),
             Leased::Held(lease, version, current) => {
                 // Only an entry no one replaced since may spend its kept refresh token.
@@ -133,11 +138,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     /// and holding no token revoked or rejected here (another replica may not have dropped
     /// it yet; I7).
     fn answers(&self, entry: &Entry, treatment: Treatment) -> bool {
-        let fresh = match (treatment, freshness(&entry.keep, self.clock.now())) {
-            (Treatment::Cache, fresh) => fresh == Freshness::Fresh,
+        match (treatment, freshness(&entry.keep, self.clock.now())) {
+            (Treatment::Cache, fresh) => fresh == Freshness::Fresh && !self.holds_revoked(entry),
+            // A replayed result answers even when its token was rejected here: with
+            // CREDENTIAL_SPENT, never by sending its credential again (I1, I2).
             (_, fresh) => fresh != Freshness::Spent,
-        };
-        fresh && !self.holds_revoked(entry)
+        }
     }
 
     /// Waits while another replica holds the lease, for as long as it holds it (its holder
@@ -243,7 +249,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             Ok(token) => {
                 let ends = keep.and_then(|k| k.renew_at);
                 if let Some(keep) = keep {
-                    self.store(id, keep, Settled::Token(token.clone()), expected)
+                    self.store(id, keep, Settled::Token(token.clone()), 0, expected)
                         .await;
                 }
                 let token = served_from_cache(&token, now, treatment != Treatment::Cache, ends);
@@ -252,16 +258,27 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             Err(failure) if lease_lost(&failure) => Err(failure),
             Err(failure) => {
                 if treatment == Treatment::Cache
-                    && let Some(previous) = previous.filter(|p| self.still_serves(p, now))
+                    && let Some(previous) = previous.filter(|p| self.still_serves(id, p, now))
                 {
-                    previous
-                        .upkeep
-                        .renewal_failed(now, self.policy.min_remaining, fastrand::f64());
+                    // The old token serves on until the next try, which the whole fleet reads
+                    // from the entry: no replica retries on every hit (I9), and none tells a
+                    // caller it lives past that try, which may end it (I10).
+                    let failures = previous.failures.saturating_add(1);
+                    let wait =
+                        renewal_backoff(failures, self.policy.min_remaining, fastrand::f64());
+                    let keep = Keep {
+                        renew_at: now.checked_add(wait),
+                        ..previous.keep
+                    };
                     tracing::info!(
                         reason = crate::error::reason(&failure),
-                        "renewal failed; the current token serves on and the next try backs off"
+                        failures,
+                        "renewal failed; the current token serves on until the next try"
                     );
-                    return self.served(&previous, treatment, false);
+                    let entry = self
+                        .store(id, keep, previous.settled.clone(), failures, expected)
+                        .await;
+                    return self.served(&entry, treatment, false);
                 }
                 if let (
                     Some(keep),
@@ -275,7 +292,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                         error: error.clone(),
                         caller_credentials: *caller_credentials,
                     };
-                    self.store(id, keep, refused, expected).await;
+                    self.store(id, keep, refused, 0, expected).await;
                 }
                 Err(failure)
             }
@@ -284,19 +301,31 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
 
     /// Whether a cached token may still answer after its renewal failed: not past its
     /// serving limit, and not revoked or rejected here.
-    fn still_serves(&self, entry: &Entry, now: std::time::SystemTime) -> bool {
+    fn still_serves(&self, id: &Digest, entry: &Entry, now: std::time::SystemTime) -> bool {
         matches!(entry.settled, Settled::Token(_))
             && now < entry.keep.serve_until
             && !self.holds_revoked(entry)
+            && self
+                .floors
+                .get(id)
+                .is_none_or(|floor| entry.version >= floor)
     }
 
     /// Keeps a result here and, version-checked, in Redis; tells the fleet that older
     /// entries of `id` are dead.
-    async fn store(&self, id: &Digest, keep: Keep, settled: Settled, expected: u64) {
+    async fn store(
+        &self,
+        id: &Digest,
+        keep: Keep,
+        settled: Settled,
+        failures: u32,
+        expected: u64,
+    ) -> Arc<Entry> {
         let mut entry = Entry {
             version: expected + 1,
             keep,
             settled,
+            failures,
             upkeep: Upkeep::default(),
         };
         if let Some(fleet) = self.fleet().await {
@@ -325,14 +354,16 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                         // here either.
                         _ => {
                             self.local.invalidate(id);
-                            return;
+                            return Arc::new(entry);
                         }
                     },
                     Err(_) => break,
                 }
             }
         }
-        self.keep_locally(id, Arc::new(entry));
+        let entry = Arc::new(entry);
+        self.keep_locally(id, entry.clone());
+        entry
     }
 }
 

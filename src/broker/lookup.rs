@@ -64,19 +64,15 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                 renew: false,
             },
             Freshness::Renew => {
-                let may_renew = entry.upkeep.may_renew(now);
                 // The renewal will spend the kept refresh token, which ends this access
                 // token: wait for the new one rather than take one about to die (I10).
                 let renewal_ends_it =
                     self.refresh_ends_access_token && entry.refresh_token().is_some();
-                if renewal_ends_it && may_renew {
+                if renewal_ends_it {
                     CacheLookup::Miss(Some(entry))
                 } else {
-                    // Still good: either nothing ends it, or its renewal is backing off (I9).
-                    CacheLookup::Answers {
-                        entry,
-                        renew: may_renew,
-                    }
+                    // Still good: nothing the renewal does ends it.
+                    CacheLookup::Answers { entry, renew: true }
                 }
             }
         }
@@ -252,6 +248,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             version: entry.version + 1,
             keep,
             settled: Settled::Spent,
+            failures: 0,
             upkeep: Upkeep::default(),
         };
         if let Some(fleet) = fleet {
@@ -276,7 +273,14 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         let digest = self.keys.token_digest(token);
         self.revoked.insert(digest, ());
         if let Some(id) = self.by_token.get(&digest) {
-            self.local.invalidate(&id);
+            // A spent marker stays: it is what keeps the credential from going out again.
+            if !self
+                .local
+                .get(&id)
+                .is_some_and(|e| matches!(e.settled, Settled::Spent))
+            {
+                self.local.invalidate(&id);
+            }
             self.by_token.invalidate(&digest);
         }
     }

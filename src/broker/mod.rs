@@ -24,6 +24,8 @@ pub mod lease;
 pub mod lookup;
 #[cfg(test)]
 pub mod memory_fleet;
+#[cfg(test)]
+mod model;
 pub mod policy;
 pub mod redis;
 
@@ -355,9 +357,15 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
             };
             // Bounded by this caller's deadline, unless the credential works once: then the
             // flight goes on until its result is kept.
-            let bound = ask
-                .deadline
-                .filter(|_| !policy::spends_credential(request.grant.kind()));
+            // A renewal with a kept refresh token spends one too: cut short with no answer,
+            // it may have ended the token it was renewing.
+            let renews_with_refresh = treatment == Treatment::Cache
+                && previous
+                    .as_ref()
+                    .is_some_and(|p| p.refresh_token().is_some());
+            let bound = ask.deadline.filter(|_| {
+                !policy::spends_credential(request.grant.kind()) && !renews_with_refresh
+            });
             let (receiver, led, flight_deadline) =
                 match self.join_or_start_flight(id, request.clone(), treatment, previous, bound) {
                     Ok(joined) => joined,
@@ -368,6 +376,13 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
                 };
             match flight::wait(receiver, led, ask.deadline).await {
                 FlightResult::Landed { result, led } => match *result {
+                    // A flight that started before this call's rejection answered with the
+                    // very token it rejects: spent, or start over for a new one (I2, I7).
+                    Ok((token, _)) if rejects(&request, &token) => {
+                        if treatment != Treatment::Cache {
+                            return Err(Failure::CredentialSpent);
+                        }
+                    }
                     Ok((token, source)) => {
                         if !led {
                             *lookup = Lookup::Coalesced;
@@ -434,9 +449,7 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
             };
             // Only the entry this replica still serves; a newer one schedules its own.
             let current = inner.local.get(&id);
-            if !current.is_some_and(|c| Arc::ptr_eq(&c, &entry))
-                || !entry.upkeep.may_renew(inner.clock.now())
-            {
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, &entry)) {
                 return;
             }
             Broker { inner }.renew_in_background(id, request, entry, treatment);
@@ -482,6 +495,15 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
     }
 }
 
+/// Whether `request` reports `token` as rejected.
+fn rejects(request: &TokenRequest, token: &Token) -> bool {
+    use secrecy::ExposeSecret as _;
+    match (&request.rejected_access_token, &token.access_token) {
+        (Some(rejected), Some(access)) => rejected.expose_secret() == access.expose_secret(),
+        _ => false,
+    }
+}
+
 /// Applies what other replicas report, for as long as the broker lives.
 async fn listen<F: Fetch, S: Fleet>(
     inner: Weak<Inner<F, S>>,
@@ -522,15 +544,7 @@ impl<F, S> Inner<F, S> {
         match &entry.settled {
             Settled::Token(token) => {
                 let cached = treatment == Treatment::Cache;
-                // Past the planned point, a renewal is backing off; its next try, spending the
-                // kept refresh token, will end this token too.
-                let ends_on_renewal =
-                    self.refresh_ends_access_token && token.refresh_token.is_some();
-                let ends = match entry.keep.renew_at {
-                    Some(at) if cached && now < at => Some(at),
-                    Some(_) if cached && ends_on_renewal => entry.upkeep.next_try(),
-                    _ => None,
-                };
+                let ends = entry.keep.renew_at.filter(|at| cached && now < *at);
                 Ok((served_from_cache(token, now, !cached, ends), source))
             }
             Settled::Refused {
