@@ -55,6 +55,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                 None => return CacheLookup::Miss(Some(entry)),
             }
         }
+        // Read before the rejection or revocation that ended it reached this layer: this
+        // replica never serves that token again (I7).
+        if treatment == Treatment::Cache && self.holds_revoked(&entry) {
+            self.local.invalidate(id);
+            return CacheLookup::Miss(Some(entry));
+        }
         let now = self.clock.now();
         match freshness(&entry.keep, now) {
             Freshness::Spent => CacheLookup::Miss(Some(entry)),
@@ -88,6 +94,9 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     ) -> Option<Landed> {
         let entry = self.local.get(id)?;
         if previous.is_some_and(|p| Arc::ptr_eq(p, &entry) || entry.version <= p.version) {
+            return None;
+        }
+        if self.holds_revoked(&entry) {
             return None;
         }
         match freshness(&entry.keep, self.clock.now()) {
@@ -193,10 +202,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
 
     /// Whether an entry holds a token revoked or rejected through this replica.
     pub(super) fn holds_revoked(&self, entry: &Entry) -> bool {
-        entry
-            .tokens()
-            .into_iter()
-            .any(|t| self.revoked.contains_key(&self.keys.token_digest(t)))
+        // Hits pay for the digests only on a replica that has revoked something.
+        self.any_revoked.load(std::sync::atomic::Ordering::Acquire)
+            && entry
+                .tokens()
+                .into_iter()
+                .any(|t| self.revoked.contains_key(&self.keys.token_digest(t)))
     }
 
     /// A notice or a delete says entries of `id` below `version` are dead.
@@ -272,6 +283,8 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     fn revoke_locally(&self, token: &str) {
         let digest = self.keys.token_digest(token);
         self.revoked.insert(digest, ());
+        self.any_revoked
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(id) = self.by_token.get(&digest) {
             // A spent marker stays: it is what keeps the credential from going out again.
             if !self

@@ -176,6 +176,8 @@ pub(crate) struct Inner<F, S> {
     floors: moka::sync::Cache<Digest, u64>,
     /// Digests of tokens revoked or rejected through this replica: never served again.
     revoked: moka::sync::Cache<Digest, ()>,
+    /// Whether `revoked` ever held anything (a hit checks it only then).
+    any_revoked: std::sync::atomic::AtomicBool,
     /// Token digests revoked while Redis was down: applied there before it is read again.
     pending_revocations: Mutex<Vec<Digest>>,
     flights: Flights,
@@ -262,6 +264,7 @@ impl<F: Fetch, S: Fleet> Broker<F, S> {
                 by_token,
                 floors,
                 revoked,
+                any_revoked: std::sync::atomic::AtomicBool::new(false),
                 pending_revocations: Mutex::default(),
                 flights: Flights::default(),
                 fleet,
