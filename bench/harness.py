@@ -70,11 +70,13 @@ METRICS_PATHS = ("hit", "tokengate")
 SCRAPE_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                  "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 # The subjects, in the order of the first round (later rounds rotate it).
-SUBJECTS = ["echo", "translator", "tokengate", "hit", "hit_redis", "before", "direct"]
+SUBJECTS = ["echo", "translator", "tokengate", "hit", "hit_redis", "before", "before_hit",
+            "direct"]
 LABELS = {"echo": "tonic echo (no upstream)", "translator": "minimal translator → upstream",
           "tokengate": "tokengate forwarding (cache = false) → upstream",
           "hit": "tokengate cache hit (memory)", "hit_redis": "tokengate cache hit (Redis backend)",
           "before": "tokengate before the broker → upstream",
+          "before_hit": "tokengate --before's cache hit (memory)",
           "direct": "direct HTTP/1.1 call to the upstream"}
 
 
@@ -279,10 +281,16 @@ class Bench:
                     "cache", "none", self.redis),
         ]
         if before is not None:
-            config = write_config(work / "before.toml", self.upstream, broker=False)
+            # A build that has the broker reads `cache = false` (and is measured on its cache
+            # hit too); one from before the broker reads no cache keys at all.
+            has_broker = os.environ.get("BENCH_BEFORE_HAS_BROKER") == "1"
+            config = write_config(work / "before.toml", self.upstream, broker=has_broker)
             self.specs["before"] = ([str(before), "serve", "--config", str(config)], ())
             subjects.append(Subject("before", "before", frames[PASS_CLIENT], PASS_CLIENT, None,
                                     "one"))
+            if has_broker:
+                subjects.append(Subject("before_hit", "before", frames[CACHED_CLIENT],
+                                        CACHED_CLIENT, "cache", "none"))
         self.subjects = {s.name: s for s in subjects}
 
         tokengate = self._launch("tokengate")
@@ -522,6 +530,9 @@ def derive(result: dict) -> None:
     if "before" in cpu:
         result["vs_before"] = {"cpu_ratio": cpu["before"] / cpu["tokengate"],
                                "p50_delta": lat["tokengate"]["p50"] - lat["before"]["p50"]}
+    if "before_hit" in cpu:
+        result["hit_vs_before"] = {"cpu_ratio": cpu["before_hit"] / cpu["hit"],
+                                   "p50_delta": lat["hit"]["p50"] - lat["before_hit"]["p50"]}
 
 
 class Scraper:
@@ -850,6 +861,16 @@ def table(results: dict) -> str:
     else:
         rows.append(("… the broker on a pass-through call, against tokengate built from before "
                      "it", "not measured (bench/run --before REV)", "nothing measurable", ""))
+    if all("hit_vs_before" in r for r in rounds):
+        h_cpu = col(lambda r: r["hit_vs_before"]["cpu_ratio"])
+        h_p50 = col(lambda r: r["hit_vs_before"]["p50_delta"])
+        rows += [
+            (f"… a cache hit: CPU/call of tokengate {results.get('before_rev', 'before')} ÷ "
+             f"today's ({spread(cpu('before_hit'))} / {spread(cpu('hit'))} µs)",
+             spread(h_cpu, "{:.2f}") + "×", "≥ 0.97× (no worse)", verdict(median(h_cpu) >= 0.97)),
+            ("… a cache hit's p50 today over before (µs)", spread(h_p50, "{:+.1f}"),
+             "≤ +5 (no worse)", verdict(median(h_p50) <= 5)),
+        ]
     rows += [
         ("… throughput per core vs echo (echo CPU/call ÷ tokengate CPU/call)",
          spread(ratio, "{:.2f}") + "×", "≥ 0.6×", verdict(median(ratio) >= 0.6)),

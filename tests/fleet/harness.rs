@@ -31,7 +31,7 @@ pub const PREFIX: &str = "tokengate:";
 pub const CHANNEL: &str = "tokengate:notices";
 
 /// What a replica logs when its store first reaches Redis, when it loses Redis, and when it
-/// has it again (`src/broker/redis.rs`, `Line::emit`).
+/// has it again (`src/broker/redis/health.rs`, `Line::emit`).
 pub const JOINED: &str = "connected to redis";
 pub const LOST: &str = "redis is unreachable";
 pub const REJOINED: &str = "rejoined the fleet";
