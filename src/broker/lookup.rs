@@ -35,6 +35,11 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         request: &TokenRequest,
         treatment: Treatment,
     ) -> CacheLookup {
+        // Whatever is kept, this replica never serves a token reported rejected (I7): the
+        // entry may already hold a newer one while an older copy still sits in Redis.
+        if let Some(rejected) = &request.rejected_access_token {
+            self.revoke_reported(rejected.expose_secret());
+        }
         let Some(mut entry) = self.lookup(id).await else {
             return CacheLookup::Miss(None);
         };
@@ -143,7 +148,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             return local;
         };
         match self.fleet_entry(fleet, id).await {
-            Ok((_, Some(entry))) if self.keep_locally(id, entry.clone()) => Some(entry),
+            // Returned even when not kept (it holds a token revoked here): the caller drops it
+            // in Redis too, or goes around it.
+            Ok((_, Some(entry))) => {
+                self.keep_locally(id, entry.clone());
+                Some(entry)
+            }
             _ => local,
         }
     }
@@ -277,6 +287,14 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             }
         }
         self.local.insert(*id, Arc::new(spent));
+    }
+
+    /// Adds a reported token to the revoked set without touching the entry holding it (the
+    /// rejection path that follows decides about that).
+    fn revoke_reported(&self, token: &str) {
+        self.revoked.insert(self.keys.token_digest(token), ());
+        self.any_revoked
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// This replica never serves `token` again.

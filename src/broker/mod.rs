@@ -51,8 +51,10 @@ use crate::rate_limit::RateLimitGuard;
 use crate::upstream::{Precondition, Token, UpstreamErrorKind};
 
 /// How many times a call starts over after the flight it joined ended in nothing it can use
-/// (its lease ran out before it sent, or its task vanished).
-const MAX_ROUNDS: usize = 3;
+/// (its lease ran out before it sent, its task vanished, it was cut short by a shorter
+/// deadline, or it answered a token this call rejects). Each round waits for a flight, so
+/// this bounds a call's work, not its time; its own deadline bounds that.
+const MAX_ROUNDS: usize = 16;
 
 /// The upstream call the broker wraps: client authentication, admission, the rate-limit
 /// guard and the POST itself.
