@@ -299,10 +299,8 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
 
     /// This replica never serves `token` again.
     fn revoke_locally(&self, token: &str) {
+        self.revoke_reported(token);
         let digest = self.keys.token_digest(token);
-        self.revoked.insert(digest, ());
-        self.any_revoked
-            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(id) = self.by_token.get(&digest) {
             // A spent marker stays: it is what keeps the credential from going out again.
             if !self
