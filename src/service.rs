@@ -283,11 +283,11 @@ impl From<Token> for proto::GetTokenResponse {
             access_token: expose(token.access_token),
             token_type: token.token_type.unwrap_or_default(),
             expires_in: duration(token.expires_in),
-            expires_at: instant_after(token.received_at, token.expires_in),
+            expires_at: instant_after(token.counted_from, token.expires_in),
             refresh_token: expose(token.refresh_token),
             refresh_token_expires_in: duration(token.refresh_token_expires_in),
             refresh_token_expires_at: instant_after(
-                token.received_at,
+                token.counted_from,
                 token.refresh_token_expires_in,
             ),
             scopes: token

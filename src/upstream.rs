@@ -182,9 +182,11 @@ pub struct Token {
     pub session_expiration_time: Option<String>,
     #[serde(default, deserialize_with = "seconds")]
     pub session_idle_timeout: Option<u64>,
-    /// When the response headers arrived; absolute expiry times count from here.
+    /// When the attempt that got this token was sent; its lifetimes count from here, not from
+    /// the answer. The upstream's clock started no earlier, so a reported expiry never outlasts
+    /// the token, however slow the answer or however long this process was paused (§8.1 I10).
     #[serde(skip, default = "SystemTime::now")]
-    pub received_at: SystemTime,
+    pub counted_from: SystemTime,
     /// The HTTP status of the upstream answer that carried this token (`None` once it went
     /// through Redis). Only a call whose answer came from the upstream reports it.
     #[serde(skip)]
@@ -293,7 +295,8 @@ struct Reply {
     request_id: Option<String>,
     retry_after: Option<Duration>,
     body: Vec<u8>,
-    received_at: SystemTime,
+    /// When the request went out.
+    sent_at: SystemTime,
 }
 
 impl Reply {
@@ -403,7 +406,11 @@ impl Upstream {
         Err(decode_failure(&reply, request))
     }
 
-    /// Sends the form and reads the reply, bounded by min(caller's deadline, request_timeout).
+    /// Sends the form and reads the reply. The waits before a send (a penalty's patience, a
+    /// free connection) spend the call's budget, min(caller's deadline, request_timeout); a
+    /// send that goes out then has that much again of its own. A request that left late is
+    /// not abandoned early: an abandoned one-time credential is spent with nobody to keep its
+    /// answer (§8.1 I1).
     async fn post(
         &self,
         endpoint: Endpoint,
@@ -411,10 +418,17 @@ impl Upstream {
         request: &Outgoing<'_>,
         deadline: Option<Instant>,
     ) -> Result<Reply, UpstreamError> {
-        let own_deadline = Instant::now() + self.request_timeout;
-        let (until, callers) = match deadline {
-            Some(caller) if caller < own_deadline => (caller, true),
-            _ => (own_deadline, false),
+        let bound = |from: Instant| match deadline {
+            Some(caller) if caller < from + self.request_timeout => (caller, true),
+            _ => (from + self.request_timeout, false),
+        };
+        let (until, callers) = bound(Instant::now());
+        let expired = |callers: bool| {
+            UpstreamError::new(if callers {
+                UpstreamErrorKind::DeadlineExceeded
+            } else {
+                UpstreamErrorKind::Timeout
+            })
         };
         // `timeout_at` polls its future once even when already expired; send nothing then.
         if callers && until <= Instant::now() {
@@ -437,14 +451,13 @@ impl Upstream {
                 // Asked before every attempt: another replica's 429 may have landed since.
                 // The check spends the call's own time, like waiting for a connection.
                 let held = match tokio::time::timeout_at(until, penalty.remaining()).await {
-                    Ok(held) => held.map(UpstreamErrorKind::Held),
-                    Err(_elapsed) if callers => Some(UpstreamErrorKind::DeadlineExceeded),
-                    Err(_elapsed) => Some(UpstreamErrorKind::Timeout),
+                    Ok(held) => held.map(UpstreamErrorKind::Held).map(UpstreamError::new),
+                    Err(_elapsed) => Some(expired(callers)),
                 };
-                if let Some(kind) = held {
+                if let Some(error) = held {
                     return Err(UpstreamError {
                         not_sent: true,
-                        ..UpstreamError::new(kind)
+                        ..error
                     });
                 }
             }
@@ -459,22 +472,23 @@ impl Upstream {
             if let Some((client_id, secret)) = request.basic {
                 builder = builder.basic_auth(client_id, Some(secret.expose_secret()));
             }
-            // Waiting for a connection counts against the same deadline as the call itself.
-            let attempt_once = async {
-                let _permit = self.connections.acquire().await;
-                send(builder).await
+            // Waiting for a connection spends the call's budget; nothing has been sent yet.
+            let Ok(_permit) = tokio::time::timeout_at(until, self.connections.acquire()).await
+            else {
+                return Err(UpstreamError {
+                    not_sent: true,
+                    ..expired(callers)
+                });
             };
             let span = attempt_span(url, attempt);
             let sent = Instant::now();
-            let result = match tokio::time::timeout_at(until, attempt_once)
+            let (attempt_until, callers_bound) = bound(sent);
+            let result = match tokio::time::timeout_at(attempt_until, send(builder))
                 .instrument(span.clone())
                 .await
             {
                 Ok(result) => result,
-                Err(_elapsed) if callers => {
-                    Err(UpstreamError::new(UpstreamErrorKind::DeadlineExceeded))
-                }
-                Err(_elapsed) => Err(UpstreamError::new(UpstreamErrorKind::Timeout)),
+                Err(_elapsed) => Err(expired(callers_bound)),
             };
             record_attempt(&span, &result);
             self.metrics
@@ -609,6 +623,7 @@ fn retry_wait(
 }
 
 async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> {
+    let sent_at = SystemTime::now();
     let mut response = builder.send().await.map_err(|e| {
         if answered_with_garbage(&e) {
             // It was reached and answered, but not in HTTP: a bad response, not an outage.
@@ -620,7 +635,6 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
             ..unavailable(None, &e)
         }
     })?;
-    let received_at = SystemTime::now();
     let status = response.status();
     let headers = response.headers();
     let request_id = headers
@@ -662,7 +676,7 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, UpstreamError> 
         request_id,
         retry_after,
         body,
-        received_at,
+        sent_at,
     })
 }
 
@@ -722,7 +736,7 @@ fn decode_token(reply: &Reply, request: &Outgoing<'_>) -> Result<Token, Upstream
                 .is_some_and(|t| !t.expose_secret().is_empty()) =>
         {
             Ok(Token {
-                received_at: reply.received_at,
+                counted_from: reply.sent_at,
                 upstream_status: Some(reply.status.as_u16()),
                 ..token
             })
@@ -839,7 +853,7 @@ mod tests {
             request_id: None,
             retry_after: None,
             body: body.as_bytes().to_vec(),
-            received_at: SystemTime::now(),
+            sent_at: SystemTime::now(),
         }
     }
 

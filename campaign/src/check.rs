@@ -5,7 +5,8 @@
 //! - I1 fully for the credentials that reach the upstream (codes, OTPs, PINs, callers' and kept
 //!   refresh tokens); "while Redis answers" is taken as: no Redis outage, no Redis slowdown past
 //!   `cache.redis.timeout`, no replica paused longer than its lease and no replica killed
-//!   overlapping the two sends.
+//!   overlapping the two sends. A send that tokengate saw time out (a replica paused while its
+//!   answer was on the way) may be followed by one more, as I1 allows.
 //! - I2 fully: the credential's POSTs and the answer to the rejecting call.
 //! - I3 for what a caller sees (a CANCELLED/UNKNOWN/INTERNAL answer, a reset stream reads as
 //!   one of those), a panic line in a replica's output, a replica that died on its own. "No
@@ -90,7 +91,9 @@ fn fleet_fault(faults: &[Fault], a: f64, b: f64) -> Option<&Fault> {
             FaultKind::RedisDown => f.end + REJOIN,
             // A replica that counted Redis as down during the slowdown rejoins as after an outage.
             FaultKind::RedisSlow(d) if 2.0 * d > REDIS_TIMEOUT => f.end + REJOIN,
-            FaultKind::Pause(_) if f.end - f.start > LEASE => f.end + 0.5,
+            // The holder extends its lease every third of its TTL, so a pause longer than two
+            // thirds of it may outlive what is left of the lease.
+            FaultKind::Pause(_) if f.end - f.start > LEASE * 2.0 / 3.0 => f.end + 0.5,
             FaultKind::Kill(_) => f.end + 0.5,
             _ => return false,
         };
@@ -105,6 +108,32 @@ fn replica_fault(faults: &[Fault], replica: usize, a: f64, b: f64) -> Option<&Fa
             && f.start <= b + 0.05
             && a <= f.end + 0.05
     })
+}
+
+/// The first send of a pair ended, for tokengate, in a timeout with no answer, which §8.1 I1
+/// lets it follow with one more send: a replica paused while the answer was on its way reads
+/// its request timeout before the answer. Evidence: a pause overlapping the send, and either a
+/// caller told UPSTREAM_TIMEOUT before the second send or no caller at all (a renewal).
+fn paused_into_timeout(
+    faults: &[Fault],
+    calls: &[&CallRec],
+    prev: &PostRec,
+    cur: &PostRec,
+) -> bool {
+    let answered = prev.written.unwrap_or(prev.arrived + prev.delay);
+    let paused = faults.iter().any(|f| {
+        matches!(f.kind, FaultKind::Pause(_))
+            && f.start <= answered + 0.05
+            && prev.arrived <= f.end
+            && f.end <= cur.arrived + 0.05
+    });
+    paused
+        && (calls.is_empty()
+            || calls.iter().any(|c| {
+                matches!(&c.outcome, Outcome::Err { reason, .. } if reason == "UPSTREAM_TIMEOUT")
+                    && c.received >= prev.arrived
+                    && c.received <= cur.arrived + 0.05
+            }))
 }
 
 fn post_line(p: &PostRec) -> String {
@@ -173,6 +202,9 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 .iter()
                 .filter(|c| c.credential.as_ref().is_some_and(|(_, x)| x == value))
                 .collect();
+            if paused_into_timeout(faults, &carrying, prev, cur) {
+                continue;
+            }
             let rejecting = carrying.iter().find(|c| {
                 c.rejected.is_some() && c.sent <= cur.arrived && c.received >= cur.arrived - 0.05
             });

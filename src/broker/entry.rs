@@ -231,7 +231,9 @@ struct WireToken {
     session_expires_in: Option<u64>,
     session_expiration_time: Option<String>,
     session_idle_timeout: Option<u64>,
-    received_at: u64,
+    /// Stored under its old name: entries already in Redis stay readable across an upgrade.
+    #[serde(rename = "received_at")]
+    counted_from: u64,
 }
 
 fn exposed(secret: &Option<SecretString>) -> Option<String> {
@@ -254,7 +256,7 @@ impl From<&Token> for WireToken {
             session_expires_in: t.session_expires_in,
             session_expiration_time: t.session_expiration_time.clone(),
             session_idle_timeout: t.session_idle_timeout,
-            received_at: millis(t.received_at),
+            counted_from: millis(t.counted_from),
         }
     }
 }
@@ -275,7 +277,7 @@ impl From<WireToken> for Token {
             session_expires_in: t.session_expires_in,
             session_expiration_time: t.session_expiration_time,
             session_idle_timeout: t.session_idle_timeout,
-            received_at: time(t.received_at).unwrap_or(UNIX_EPOCH),
+            counted_from: time(t.counted_from).unwrap_or(UNIX_EPOCH),
             upstream_status: None,
         }
     }
@@ -292,7 +294,7 @@ pub fn served_from_cache(
     keep_refresh: bool,
     ends: Option<SystemTime>,
 ) -> Token {
-    let elapsed = now.duration_since(token.received_at).unwrap_or_default();
+    let elapsed = now.duration_since(token.counted_from).unwrap_or_default();
     let until_ends = ends.map(|at| at.duration_since(now).unwrap_or_default());
     let remaining = match (
         token
@@ -305,10 +307,10 @@ pub fn served_from_cache(
     }
     // Whatever the upstream announced, no lifetime beyond what the broker keeps (I3).
     .map(|r| r.min(super::policy::MAX_LIFETIME));
-    // The nearest whole second, counted from a received_at chosen so that expires_at stays
+    // The nearest whole second, from a counted_from chosen so that expires_at stays
     // exact (a token fresh from the upstream keeps the `expires_in` it came with).
     let expires_in = remaining.map(|r| (r.as_millis() as u64).saturating_add(500) / 1000);
-    let received_at = match (remaining, expires_in) {
+    let counted_from = match (remaining, expires_in) {
         (Some(r), Some(secs)) => now
             .checked_add(r)
             .and_then(|end| end.checked_sub(Duration::from_secs(secs)))
@@ -330,7 +332,7 @@ pub fn served_from_cache(
         session_expires_in: token
             .session_expires_in
             .map(|secs| secs.saturating_sub(elapsed.as_secs())),
-        received_at,
+        counted_from,
         ..token.clone()
     }
 }
@@ -346,7 +348,7 @@ mod tests {
             "scope": "A B", "owner_id": "42", "session_expires_in": 7200,
         }))
         .map(|t| Token {
-            received_at: now,
+            counted_from: now,
             ..t
         })
         .unwrap()
@@ -376,7 +378,7 @@ mod tests {
         let Settled::Token(t) = back.settled else {
             panic!("a token")
         };
-        assert_eq!(t.received_at, now);
+        assert_eq!(t.counted_from, now);
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "rt-1");
         assert_eq!(back.version, 3);
         assert!(Entry::decode(0, b"{}").is_none());
@@ -428,7 +430,7 @@ mod tests {
         let served = served_from_cache(&token(received), now, false, None);
         assert_eq!(served.expires_in, Some(3499), "3499.4 s left");
         assert_eq!(
-            served.received_at + Duration::from_secs(3499),
+            served.counted_from + Duration::from_secs(3499),
             received + Duration::from_secs(3600),
             "expires_at is unchanged"
         );

@@ -381,7 +381,7 @@ fn replayed(entry: &Entry) -> bool {
 pub(super) fn refresh_alive(token: &crate::upstream::Token, now: std::time::SystemTime) -> bool {
     token.refresh_token_expires_in.is_none_or(|secs| {
         token
-            .received_at
+            .counted_from
             .checked_add(Duration::from_secs(secs))
             .is_none_or(|end| end > now)
     })

@@ -311,7 +311,7 @@ impl Fetch for Arc<Upstream> {
         }))
         .expect("a token");
         token.refresh_token = Some(SecretString::from(refresh));
-        token.received_at = self.clock.now();
+        token.counted_from = self.clock.now();
         Ok(token)
     }
 }
@@ -451,7 +451,7 @@ enum Answered {
     Token {
         access: String,
         refresh: Option<String>,
-        /// `received_at + expires_in`, since the run began.
+        /// `counted_from + expires_in`, since the run began.
         ends: Option<Duration>,
         source: &'static str,
     },
@@ -649,7 +649,7 @@ fn summarize(clock: &ModelClock, result: Result<(Token, Source), Failure>) -> An
             refresh: token.refresh_token.map(|r| r.expose_secret().to_owned()),
             ends: token
                 .expires_in
-                .map(|secs| clock.since_start(token.received_at + Duration::from_secs(secs))),
+                .map(|secs| clock.since_start(token.counted_from + Duration::from_secs(secs))),
             source: source.as_str(),
         },
         Err(Failure::CredentialSpent) => Answered::Spent,

@@ -107,7 +107,7 @@ fn token(access: &str, refresh: Option<&str>, expires_in: u64, at: SystemTime) -
     }))
     .unwrap();
     token.refresh_token = refresh.map(SecretString::from);
-    token.received_at = at;
+    token.counted_from = at;
     token
 }
 

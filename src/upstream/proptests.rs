@@ -40,7 +40,7 @@ fn reply(status: u16, body: Vec<u8>) -> Reply {
         request_id: Some("rc-request-1".to_owned()),
         retry_after: Some(Duration::from_secs(7)),
         body,
-        received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        sent_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     }
 }
 
@@ -518,7 +518,7 @@ proptest! {
                 prop_assert!((200..300).contains(&status), "a token from HTTP {}", status);
                 let access = token.access_token.as_ref().map(|t| t.expose_secret().to_owned());
                 prop_assert!(access.is_some_and(|t| !t.is_empty()));
-                prop_assert_eq!(token.received_at, reply.received_at);
+                prop_assert_eq!(token.counted_from, reply.sent_at);
             }
             Err(error) => {
                 prop_assert_eq!(error.http_status, Some(status));

@@ -39,6 +39,8 @@ pub enum Mode {
     /// Reads the request and never answers; the connection stays open until the peer
     /// closes it (or 30 s pass).
     Hang,
+    /// Reads the request, waits this long, then answers as `Healthy` does.
+    Slow(Duration),
     /// Sends the headers, then one body byte per period; the whole body would take far
     /// longer than any `request_timeout` used here.
     Trickle(Duration),
@@ -323,6 +325,11 @@ async fn handle(mut stream: TcpStream, mode: Mode) {
     };
     match mode {
         Mode::Healthy => {
+            let reply = format!("{}{TOKEN_JSON}", json_head(200, TOKEN_JSON.len()));
+            let _ = stream.write_all(reply.as_bytes()).await;
+        }
+        Mode::Slow(delay) => {
+            tokio::time::sleep(delay).await;
             let reply = format!("{}{TOKEN_JSON}", json_head(200, TOKEN_JSON.len()));
             let _ = stream.write_all(reply.as_bytes()).await;
         }

@@ -51,3 +51,35 @@ async fn calls_beyond_max_connections_wait_for_a_turn_and_then_succeed() {
     assert_eq!(upstream.connections(), 5);
     gate.stop().await;
 }
+
+/// A send that waited for a free connection is still given the whole `request_timeout`:
+/// cut short by the time it spent waiting, it would be abandoned after it went out, and a
+/// one-time credential would be spent with nobody to keep its answer (§8.1 I1).
+#[tokio::test]
+async fn a_call_that_waited_for_a_connection_gets_the_whole_request_timeout_once_sent() {
+    let upstream = FaultyUpstream::start(Mode::Hang).await;
+    let toml = config_toml(&upstream.url(), Duration::from_millis(1000))
+        .replace("[upstream]\n", "[upstream]\nmax_connections = 1\n");
+    let gate = Gate::start_config(&Config::from_toml(&toml).unwrap()).await;
+
+    // A call with a 500 ms deadline holds the only connection, which the upstream hangs.
+    let hung = {
+        let mut client = gate.client.clone();
+        let mut request = tonic::Request::new(request("hung"));
+        request.set_timeout(Duration::from_millis(500));
+        tokio::spawn(async move { client.get_token(request).await })
+    };
+    testkit::wait::until("the first call to hang upstream", PATIENCE, || async {
+        upstream.open() == 1
+    })
+    .await;
+    // The next call waits ~500 ms for that connection, then takes 700 ms upstream: past
+    // what was left of a budget counted from its start, well inside one counted from its send.
+    upstream.set(Mode::Slow(Duration::from_millis(700))).await;
+    let mut client = gate.client.clone();
+    let token = call(&mut client, "waited").await.unwrap();
+    assert_eq!(token.access_token, "fault-suite-token");
+    assert!(hung.await.expect("the call task does not panic").is_err());
+    assert_eq!(upstream.connections(), 2, "one send each, no retry");
+    gate.stop().await;
+}

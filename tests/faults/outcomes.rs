@@ -124,3 +124,30 @@ async fn a_callers_deadline_ends_a_hang_long_before_request_timeout() {
     .await;
     gate.stop().await;
 }
+
+/// A token's lifetime counts from when its request was sent, not from its answer: the
+/// upstream's clock started no later, so however slow the answer, the reported expiry is
+/// never after the token's own (§8.1 I10).
+#[tokio::test]
+async fn a_slow_answer_does_not_stretch_the_reported_lifetime() {
+    let upstream = FaultyUpstream::start(Mode::Slow(Duration::from_millis(1500))).await;
+    // Not cached: a cached token reports up to its planned renewal, well before 3600 s.
+    let toml = crate::harness::config_toml(&upstream.url(), Duration::from_secs(5))
+        + "\n[cache]\ngrants = []\n";
+    let mut gate = Gate::start_config(&tokengate::Config::from_toml(&toml).unwrap()).await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let token = call(&mut gate.client, "slow").await.unwrap();
+    let expires_at = token.expires_at.expect("expires_at is set");
+    let expires_at = Duration::new(expires_at.seconds as u64, expires_at.nanos as u32);
+    // The upstream said 3600 s, counted from no earlier than `before`.
+    let latest = before + Duration::from_secs(3600) + Duration::from_millis(500);
+    assert!(
+        expires_at <= latest,
+        "expires_at is {:?} after the token's own expiry",
+        expires_at - (before + Duration::from_secs(3600))
+    );
+    assert!(expires_at >= before + Duration::from_secs(3599));
+    gate.stop().await;
+}
