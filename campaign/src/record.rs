@@ -95,7 +95,8 @@ pub struct PostRec {
     pub grant_type: String,
     pub client: String,
     /// Whom the request acts for, by tokengate's rule (password username, JWT subject, the
-    /// user of the grant a kept refresh token came from); none: the whole client.
+    /// user of the grant a kept refresh token came from, else the refresh token's session:
+    /// [`session_user`]); none: the whole client.
     pub user: Option<String>,
     /// The one-time credential it carried.
     pub credential: Option<(Cred, String)>,
@@ -350,4 +351,10 @@ impl CallRec {
             self.outcome.describe()
         )
     }
+}
+
+/// The user a refresh is penalised for when no grant names one: its own session (tokengate's
+/// `User::Session`), so a 429 on it holds back that refresh token only.
+pub fn session_user(refresh_token: &str) -> String {
+    format!("session #{}", digest(refresh_token))
 }

@@ -711,7 +711,10 @@ async fn act(fleet: &Fleet, ctx: &Ctx, what: What) {
                 subject: subject_name(ctx, subject),
                 grant: s.grant(),
                 client: s.client().to_owned(),
-                user: s.user(),
+                user: match &credential {
+                    Some((Cred::Refresh, rt)) => Some(crate::record::session_user(rt)),
+                    _ => s.user(),
+                },
                 credential,
                 cached: s.cached(),
                 rejected,

@@ -299,11 +299,16 @@ impl Upstream {
         record.user = match grant_type.as_str() {
             "password" => field("username"),
             JWT_BEARER => field("assertion").and_then(|a| jwt_subject(&a)),
-            "refresh_token" => credential
-                .as_ref()
-                .and_then(|(_, rt)| state.refresh.get(rt))
-                .filter(|r| r.kept)
-                .and_then(|r| r.user.clone()),
+            // A kept refresh token acts for the user of the grant that got it; any other
+            // refresh (or a kept one of a grant without a user) for its own session.
+            "refresh_token" => credential.as_ref().map(|(_, rt)| {
+                state
+                    .refresh
+                    .get(rt)
+                    .filter(|r| r.kept)
+                    .and_then(|r| r.user.clone())
+                    .unwrap_or_else(|| crate::record::session_user(rt))
+            }),
             _ => None,
         };
         if let Some((Cred::Refresh, rt)) = &credential {
