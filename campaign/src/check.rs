@@ -27,7 +27,8 @@
 //!   no backoff.
 //! - I10 for every token answered: the upstream records each access token's death (its expiry,
 //!   or the use of its refresh token). Deaths a caller caused (refreshing with a refresh token
-//!   it was given, RevokeToken, a token it had said was rejected) are not tokengate's.
+//!   it was given, RevokeToken, a token it had said was rejected) are not tokengate's. A
+//!   renewal made during a Redis outage is fleet-wide news only once Redis is back.
 
 use std::collections::{HashMap, HashSet};
 
@@ -588,6 +589,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
             .filter(|c| c.rejected.as_deref() == Some(*token))
             .map(|c| c.sent)
             .fold(f64::INFINITY, f64::min);
+        let renewed = matches!(&life.ended, Some((_, EndCause::Refresh(_))));
         let (death, why) = match &life.ended {
             Some((at, EndCause::Refresh(rt)))
                 if !given_refresh.contains(rt.as_str())
@@ -610,6 +612,9 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 Outcome::Ok { expires_in, .. } => c.received + expires_in > death + 1.0,
                 _ => false,
             })
+            // A renewal made while Redis was out reaches the other replicas only when it is
+            // back: until then they serve the token they hold ("while Redis answers").
+            .filter(|c| !(renewed && fleet_fault(faults, death, c.received).is_some()))
             .collect();
         if let Some(worst) = late.first() {
             let Outcome::Ok { expires_in, .. } = &worst.outcome else {

@@ -134,7 +134,9 @@ timeout = "{redis_timeout}ms"
     async fn spawn(&self, index: usize) {
         let process = Tokengate::launch(&self.binary, self.config.clone())
             .name(replica_name(index))
-            .rust_log("warn,tokengate=info")
+            .rust_log(
+                std::env::var("CAMPAIGN_RUST_LOG").unwrap_or_else(|_| "warn,tokengate=info".into()),
+            )
             .start()
             .await;
         let channel = Endpoint::from_shared(process.url())
@@ -251,6 +253,28 @@ timeout = "{redis_timeout}ms"
             self.spawn(*index).await;
         }
         out
+    }
+
+    /// With `CAMPAIGN_DUMP=DIR`, writes each live replica's output to `DIR/replica-N.log`
+    /// after every schedule, for a replay that needs the replicas' view
+    /// (`CAMPAIGN_RUST_LOG` sets their filter; `warn,tokengate=info` by default).
+    pub async fn dump(&self) {
+        if let Ok(dir) = std::env::var("CAMPAIGN_DUMP") {
+            let procs = self.procs.lock().await;
+            for (index, process) in procs.iter().enumerate() {
+                if let Some(process) = process {
+                    let _ = std::fs::write(
+                        format!("{dir}/replica-{index}.log"),
+                        process
+                            .stdout()
+                            .into_iter()
+                            .chain(process.stderr())
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    );
+                }
+            }
+        }
     }
 
     /// Panic lines the replicas logged since the last look (a panic in a call's task leaves

@@ -193,6 +193,7 @@ async fn main() {
         next_call += calls.len() + 1000;
         let crashes = fleet.crashed().await;
         let panics = fleet.panics().await;
+        fleet.dump().await;
         let seconds = t0.elapsed().as_secs_f64();
         let fault_list: Vec<String> = faults.iter().map(ToString::to_string).collect();
         println!(

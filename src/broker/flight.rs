@@ -64,8 +64,11 @@ impl Flights {
         kept: impl FnOnce() -> Option<Landed>,
     ) -> Joined {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        // A flight that has landed but not yet left the map is over: joining it would hand
+        // a caller that starts over the very result it starts over from, round after round.
         if let Some(flight) = running.get(&id)
             && flight.landed.has_changed().is_ok()
+            && flight.landed.borrow().is_none()
         {
             return Joined::Running(flight.landed.clone(), flight.deadline);
         }
@@ -133,5 +136,41 @@ pub async fn wait(
             led,
         },
         None => FlightResult::Vanished,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> Digest {
+        crate::keys::Keys::new(None).digest([b"flight".as_slice()])
+    }
+
+    /// Between a flight's result being sent and the flight leaving the map, a caller that
+    /// starts over (its flight was cut short) must not join it again: it would get the same
+    /// result at once, and run out of rounds in a millisecond (found by the campaign, I5).
+    #[test]
+    fn a_landed_flight_that_has_not_left_the_map_is_not_joined() {
+        let flights = Flights::default();
+        let id = id();
+        let Joined::Started(sender) = flights.join_or_start(id, None, || None) else {
+            panic!("the first call starts the flight");
+        };
+        assert!(matches!(
+            flights.join_or_start(id, None, || None),
+            Joined::Running(..)
+        ));
+        // `land`'s first half: the result is out, the map not yet cleaned.
+        sender.send_replace(Some(Err(Failure::DeadlineExceeded)));
+        let Joined::Started(_next) = flights.join_or_start(id, None, || None) else {
+            panic!("a call after the landing starts a new flight");
+        };
+        // The old flight's cleanup leaves the new one in place.
+        flights.land(&id, &sender, Err(Failure::DeadlineExceeded));
+        assert!(matches!(
+            flights.join_or_start(id, None, || None),
+            Joined::Running(..)
+        ));
     }
 }
