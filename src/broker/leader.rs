@@ -38,6 +38,27 @@ enum Leased<S: Fleet> {
     Alone,
 }
 
+/// What a flight's upstream work produced.
+struct Fresh {
+    result: Result<Token, Failure>,
+    /// The upstream refused the kept refresh token (an OAuth error): it is dead.
+    refresh_refused: bool,
+}
+
+impl Fresh {
+    fn answered(result: Result<Token, Failure>) -> Self {
+        Self {
+            result,
+            refresh_refused: false,
+        }
+    }
+}
+
+/// Whether the upstream refused a request outright (an OAuth error), as opposed to failing.
+fn refused(failure: &Failure) -> bool {
+    matches!(failure, Failure::Upstream { error, .. } if error.kind == UpstreamErrorKind::OAuth)
+}
+
 /// How waiting for another replica's call ended.
 enum Awaited {
     /// Its result, now in Redis.
@@ -86,11 +107,11 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             ),
         };
         let held: Option<&dyn Precondition> = lease.as_ref().map(|l| l.clock() as _);
-        let result = self
+        let fresh = self
             .fetch_fresh(request, treatment, renewing.as_deref(), held, deadline)
             .await;
         let landed = self
-            .settle(&id, request, treatment, previous, expected, result)
+            .settle(&id, request, treatment, previous, expected, fresh)
             .await;
         if let Some(lease) = lease {
             lease.release().await;
@@ -169,7 +190,8 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     }
 
     /// A new token: renewed with the refresh token `renewing` kept when there is one, else
-    /// (or when that fails) by running the request's own grant again.
+    /// (or when that fails) by running the request's own grant again. Says whether the
+    /// upstream refused the kept refresh token.
     async fn fetch_fresh(
         &self,
         request: &TokenRequest,
@@ -177,7 +199,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         renewing: Option<&Entry>,
         lease: Option<&dyn Precondition>,
         deadline: Option<Instant>,
-    ) -> Result<Token, Failure> {
+    ) -> Fresh {
         let user = request.user();
         let call = Call {
             deadline,
@@ -203,15 +225,23 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                 rejected_access_token: None,
             };
             match self.fetch.fetch(&refresh, call).await {
-                Ok(token) => return Ok(token),
-                Err(failure) if lease_lost(&failure) => return Err(failure),
-                Err(failure) => tracing::info!(
-                    reason = crate::error::reason(&failure),
-                    "renewal with the kept refresh token failed; running the grant again"
-                ),
+                Ok(token) => return Fresh::answered(Ok(token)),
+                Err(failure) if lease_lost(&failure) => return Fresh::answered(Err(failure)),
+                Err(failure) => {
+                    tracing::info!(
+                        reason = crate::error::reason(&failure),
+                        "renewal with the kept refresh token failed; running the grant again"
+                    );
+                    if refused(&failure) {
+                        return Fresh {
+                            result: self.fetch.fetch(request, call).await,
+                            refresh_refused: true,
+                        };
+                    }
+                }
             }
         }
-        self.fetch.fetch(request, call).await
+        Fresh::answered(self.fetch.fetch(request, call).await)
     }
 
     /// Keeps what the call produced and says what its callers get. A cached token whose
@@ -223,8 +253,12 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         treatment: Treatment,
         previous: Option<Arc<Entry>>,
         expected: u64,
-        result: Result<Token, Failure>,
+        fresh: Fresh,
     ) -> Landed {
+        let Fresh {
+            result,
+            refresh_refused,
+        } = fresh;
         let now = self.clock.now();
         let outcome = match &result {
             Ok(token) => Outcome::Token {
@@ -249,13 +283,20 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
             Ok(token) => {
                 let ends = keep.and_then(|k| k.renew_at);
                 if let Some(keep) = keep {
-                    self.store(id, keep, Settled::Token(token.clone()), 0, expected)
+                    self.store(id, keep, Settled::Token(token.clone()), 0, expected, true)
                         .await;
                 }
                 let token = served_from_cache(&token, now, treatment != Treatment::Cache, ends);
                 Ok((token, Source::Upstream))
             }
             Err(failure) if lease_lost(&failure) => Err(failure),
+            Err(failure) if refresh_refused => {
+                // The kept refresh token is dead, and so, on RingCentral, is the token it came
+                // with: its entry goes, so that no replica sends it again (I1) or serves that
+                // token (I10). The next call runs the grant.
+                self.drop_entry(id, expected).await;
+                Err(failure)
+            }
             Err(failure) => {
                 if treatment == Treatment::Cache
                     && let Some(previous) = previous.filter(|p| self.still_serves(id, p, now))
@@ -276,7 +317,14 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                         "renewal failed; the current token serves on until the next try"
                     );
                     let entry = self
-                        .store(id, keep, previous.settled.clone(), failures, expected)
+                        .store(
+                            id,
+                            keep,
+                            previous.settled.clone(),
+                            failures,
+                            expected,
+                            false,
+                        )
                         .await;
                     return self.served(&entry, treatment, false);
                 }
@@ -292,10 +340,21 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                         error: error.clone(),
                         caller_credentials: *caller_credentials,
                     };
-                    self.store(id, keep, refused, 0, expected).await;
+                    self.store(id, keep, refused, 0, expected, true).await;
                 }
                 Err(failure)
             }
+        }
+    }
+
+    /// Drops the entry of `id` here and, unless another replica replaced it since
+    /// `expected`, in Redis, telling the fleet.
+    async fn drop_entry(&self, id: &Digest, expected: u64) {
+        self.local.invalidate(id);
+        if let Some(fleet) = self.fleet().await
+            && let Ok(Some(version)) = fleet.delete_if(id, expected).await
+        {
+            self.raise_floor(id, version);
         }
     }
 
@@ -312,7 +371,9 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     }
 
     /// Keeps a result here and, version-checked, in Redis; tells the fleet that older
-    /// entries of `id` are dead.
+    /// entries of `id` are dead. A `fresh` result (from the upstream just now) also takes the
+    /// place of an entry deleted while it was out; an old token kept on after a failed renewal
+    /// does not, since what deleted it may have been that token's rejection (I7).
     async fn store(
         &self,
         id: &Digest,
@@ -320,6 +381,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
         settled: Settled,
         failures: u32,
         expected: u64,
+        fresh: bool,
     ) -> Arc<Entry> {
         let mut entry = Entry {
             version: expected + 1,
@@ -349,7 +411,7 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
                         break;
                     }
                     Ok(false) => match fleet.get(id).await {
-                        Ok((version, None)) if version > expected => expected = version,
+                        Ok((version, None)) if fresh && version > expected => expected = version,
                         // Someone wrote a newer result; theirs stands, and ours is not kept
                         // here either.
                         _ => {

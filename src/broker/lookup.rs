@@ -234,15 +234,25 @@ impl<F: Fetch, S: Fleet> Inner<F, S> {
     async fn drop_rejected(&self, id: &Digest, rejected: &Entry) -> Option<Arc<Entry>> {
         self.local.invalidate(id);
         let fleet = self.fleet().await?;
-        let (version, shared) = self.fleet_entry(fleet, id).await.ok()?;
-        let shared = shared?;
-        if shared.holds_access_token(rejected.access_token()?) {
-            if let Ok(Some(new)) = fleet.delete_if(id, version).await {
-                self.raise_floor(id, new);
+        let token = rejected.access_token()?;
+        // Between the read and the delete, another replica may write the entry again with
+        // the same token (a failed renewal keeps it on, under a new version): look again.
+        for _ in 0..3 {
+            let (version, shared) = self.fleet_entry(fleet, id).await.ok()?;
+            let shared = shared?;
+            if !shared.holds_access_token(token) {
+                return self.keep_locally(id, shared.clone()).then_some(shared);
             }
-            return None;
+            match fleet.delete_if(id, version).await {
+                Ok(Some(new)) => {
+                    self.raise_floor(id, new);
+                    return None;
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
         }
-        self.keep_locally(id, shared.clone()).then_some(shared)
+        None
     }
 
     /// Replaces a replayed result whose token was rejected with a marker that answers

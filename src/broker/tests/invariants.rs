@@ -396,3 +396,36 @@ async fn revoking_a_replayed_token_never_lets_its_credential_go_upstream_again()
     assert!(matches!(again, Failure::CredentialSpent), "{again:?}");
     assert_eq!(fake.calls(), 1, "the memory backend spends it too");
 }
+
+// I1, I10: a kept refresh token the upstream refused is dead; when the grant run in its place
+// fails too, the entry holding it is dropped rather than kept on, so no later try sends it
+// again (the campaign saw a second invalid_grant) and its token is not served.
+#[tokio::test(start_paused = true)]
+async fn a_refused_kept_refresh_token_is_never_sent_again() {
+    let Setup {
+        broker,
+        fake,
+        clock,
+        ..
+    } = setup();
+    broker.token(ask(jwt())).await.unwrap();
+    clock.advance(Duration::from_secs(HOUR - 200));
+    fake.push(Err(oauth("invalid_grant")));
+    fake.push(Err(unavailable()));
+    let failure = broker.token(ask(jwt())).await.unwrap_err();
+    assert_eq!(crate::error::reason(&failure), "UPSTREAM_UNAVAILABLE");
+    clock.advance(Duration::from_secs(10));
+    let (token, source) = broker.token(ask(jwt())).await.unwrap();
+    assert_eq!((access(&token), source), ("at-4", Source::Upstream));
+    settle().await;
+    assert_eq!(
+        *fake.grants.lock().unwrap(),
+        [
+            GrantKind::JwtBearer,
+            GrantKind::RefreshToken,
+            GrantKind::JwtBearer,
+            GrantKind::JwtBearer
+        ],
+        "the refused refresh token went out once"
+    );
+}
